@@ -1,0 +1,363 @@
+"""Images in, uint8 tensors out: loading, preprocessing, caching, the split and the DataModule.
+
+Preprocessing follows the course: composite transparency onto white, pad to a white square keeping
+the aspect ratio, resize, stretch each channel's contrast. Every file is decoded once: results are
+kept in memory for the process (a Hydra multirun loads the data once, not once per job) and on disk
+keyed by file content and preprocessing settings (a second run starts from the cache).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from equip.errors import EquipError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+PREPROCESS_VERSION = 1  # bump when preprocess() changes: invalidates every disk cache entry
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # uint8, (N, 3, S, S)
+    labels: torch.Tensor  # int64, (N,)
+    classes: list[str]
+    paths: list[str]
+    sha256: list[str]
+    fingerprint: str  # changes with any file's content, its class, or the preprocessing
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of unreadable files
+    source: str = "decoded"  # decoded | disk-cache | memory
+    decoded: int = 0  # files decoded by this load (0 when everything came from a cache)
+
+
+# ---------------------------------------------------------------- preprocessing
+def _to_rgb_on_white(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: scale to 8 bit
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        # Gear PNGs hide near-black pixels under the alpha: convert("RGB") would show them.
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, RGB, 16-bit RGB
+
+
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """PIL image -> uint8 array (3, size, size)."""
+    img = ImageOps.exif_transpose(img)
+    img = _to_rgb_on_white(img)
+    img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color="white")
+    a = np.asarray(img, dtype=np.float32)
+    lo = a.min(axis=(0, 1), keepdims=True)
+    hi = a.max(axis=(0, 1), keepdims=True)
+    a = np.where(hi > lo, (a - lo) * 255.0 / np.maximum(hi - lo, 1e-6), a)
+    return np.ascontiguousarray(a.round().astype(np.uint8).transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------- loading
+def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class-per-folder tree -> (class names, [(file, class index)]). Raises on every bad layout."""
+    if not root.is_dir():
+        raise EquipError(
+            f"data.root={root} does not exist or is not a folder. "
+            "Point data.root at a folder with one sub-folder of images per class."
+        )
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise EquipError(
+            f"data.root={root} has no class folders. Put each class's images in its own "
+            "sub-folder, e.g. data.root/helmets/*.jpg, data.root/rope/*.jpg."
+        )
+    files: list[tuple[Path, int]] = []
+    empty = []
+    for idx, d in enumerate(class_dirs):
+        found = sorted(
+            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            empty.append(d.name)
+        files += [(p, idx) for p in found]
+    if empty:
+        raise EquipError(
+            f"class folder(s) with no images under data.root={root}: {', '.join(empty)}. "
+            f"Add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder."
+        )
+    if len(class_dirs) < 2:
+        raise EquipError(
+            f"data.root={root} has only 1 class folder ({class_dirs[0].name}); a classifier "
+            "needs at least 2. Add another class folder."
+        )
+    return [d.name for d in class_dirs], files
+
+
+def _cache_file(cache_dir: Path, sha: str, size: int) -> Path:
+    return cache_dir / f"v{PREPROCESS_VERSION}-{size}px" / sha[:2] / f"{sha}.npy"
+
+
+def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet:
+    classes, files = scan_folder(root)
+    arrays, labels, paths, shas, skipped = [], [], [], [], []
+    decoded = 0
+    for path, label in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            skipped.append((str(path), f"unreadable: {e.strerror or e}"))
+            continue
+        sha = hashlib.sha256(raw).hexdigest()
+        cached = _cache_file(cache_dir, sha, image_size) if cache_dir else None
+        arr = None
+        if cached is not None and cached.exists():
+            try:
+                arr = np.load(cached)
+            except (OSError, ValueError):  # torn write by a killed process: decode again
+                arr = None
+        if arr is None:
+            try:
+                with Image.open(io.BytesIO(raw)) as img:
+                    img.load()
+                    arr = preprocess(img, image_size)
+            except Exception as e:  # PIL raises many types for corrupt/truncated files
+                skipped.append((str(path), f"{type(e).__name__}: {e}"))
+                continue
+            decoded += 1
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+                os.replace(tmp, cached)  # atomic: parallel jobs never read half a file
+        arrays.append(arr)
+        labels.append(label)
+        paths.append(str(path))
+        shas.append(sha)
+    if skipped:
+        log.warning(
+            "skipped %d unreadable image(s): %s",
+            len(skipped),
+            "; ".join(f"{p} ({why})" for p, why in skipped),
+        )
+    if not arrays:
+        raise EquipError(
+            f"no readable image under data.root={root}; every file failed to decode:\n"
+            + "\n".join(f"  {p}: {why}" for p, why in skipped)
+        )
+    fp = hashlib.sha256(f"folder v{PREPROCESS_VERSION} {image_size}px\n".encode())
+    for sha, label in sorted(zip(shas, labels, strict=True)):
+        fp.update(f"{classes[label]}/{sha}\n".encode())
+    return ImageSet(
+        images=torch.from_numpy(np.stack(arrays)),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        classes=classes,
+        paths=paths,
+        sha256=shas,
+        fingerprint=fp.hexdigest()[:16],
+        skipped=skipped,
+        source="decoded" if decoded else "disk-cache",
+        decoded=decoded,
+    )
+
+
+def load_synthetic(per_class: int, image_size: int, seed: int) -> ImageSet:
+    from equip.synthetic import CLASSES, make_synthetic
+
+    images, labels = make_synthetic(per_class, image_size, seed)
+    shas = [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
+    fp = hashlib.sha256(f"synthetic {image_size}px\n".encode())
+    for sha, label in zip(shas, labels, strict=True):
+        fp.update(f"{CLASSES[label]}/{sha}\n".encode())
+    counters: dict[int, int] = {}
+    paths = []
+    for label in labels.tolist():
+        counters[label] = counters.get(label, -1) + 1
+        paths.append(f"synthetic://{CLASSES[label]}/{counters[label]:05d}")
+    return ImageSet(
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        classes=list(CLASSES),
+        paths=paths,
+        sha256=shas,
+        fingerprint=fp.hexdigest()[:16],
+        decoded=len(labels),
+    )
+
+
+_loaded: dict[tuple, ImageSet] = {}  # one decode per process, shared by every multirun job
+
+
+def load_images(data: DictConfig) -> ImageSet:
+    """Load the data set a config names, from memory when this process already has it."""
+    if data.image_size < 8:
+        raise EquipError(f"data.image_size={data.image_size} is too small; use 8 or more.")
+    if data.kind == "synthetic":
+        key: tuple = ("synthetic", data.per_class, data.image_size, data.generator_seed)
+        if data.per_class < 1:
+            raise EquipError(f"data.per_class={data.per_class} must be at least 1.")
+    elif data.kind == "folder":
+        root = Path(data.root).expanduser().resolve()
+        key = ("folder", str(root), data.image_size, _tree_signature(root))
+    else:
+        raise EquipError(
+            f"data.kind={data.kind!r} is not known; use data=synthetic or data=folder."
+        )
+    if key in _loaded:
+        return replace(_loaded[key], source="memory", decoded=0)
+    if data.kind == "synthetic":
+        images = load_synthetic(data.per_class, data.image_size, data.generator_seed)
+    else:
+        cache = Path(data.cache_dir).expanduser() if data.get("cache_dir") else None
+        images = load_folder(root, data.image_size, cache)
+    _loaded[key] = images
+    return images
+
+
+def _tree_signature(root: Path) -> tuple:
+    """Cheap change detector for the in-memory cache: names, sizes and mtimes of the tree."""
+    if not root.is_dir():
+        return ()
+    return tuple(
+        (str(p), st.st_size, st.st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (st := p.stat())
+    )
+
+
+# ---------------------------------------------------------------- split
+def split_images(
+    images: ImageSet, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Stratified, seeded split -> array of 'train' | 'val' | 'test' per image.
+
+    Byte-identical files form one group and always land on the same side, so a duplicate can
+    never leak a training image into validation.
+    """
+    if not 0 < val_fraction < 1:
+        raise EquipError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise EquipError(
+            f"data.test_fraction={test_fraction} must be >= 0 and leave training images "
+            f"(val_fraction + test_fraction < 1, now {val_fraction + test_fraction})."
+        )
+    labels = images.labels.numpy()
+    side: dict[str, str] = {}
+    for c, name in enumerate(images.classes):
+        groups = sorted({images.sha256[i] for i in np.flatnonzero(labels == c)} - side.keys())
+        rng = np.random.default_rng([seed, c])
+        rng.shuffle(groups)
+        n_val = round(len(groups) * val_fraction)
+        n_test = round(len(groups) * test_fraction)
+        if n_val < 1:
+            raise EquipError(
+                f"data.val_fraction={val_fraction} leaves class {name!r} ({len(groups)} distinct "
+                f"images) with no validation image. Raise data.val_fraction to at least "
+                f"{0.5 / max(len(groups), 1):.2f} or add images to that class."
+            )
+        if test_fraction > 0 and n_test < 1:
+            raise EquipError(
+                f"data.test_fraction={test_fraction} leaves class {name!r} with no test image; "
+                "raise it or set data.test_fraction=0."
+            )
+        if len(groups) - n_val - n_test < 1:
+            raise EquipError(
+                f"class {name!r} has {len(groups)} distinct image(s): none left for training "
+                f"with val_fraction={val_fraction}, test_fraction={test_fraction}. Add images."
+            )
+        for i, sha in enumerate(groups):
+            side[sha] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return np.array([side[s] for s in images.sha256])
+
+
+def split_manifest(images: ImageSet, split: np.ndarray) -> str:
+    """CSV text: path, sha256, class, split: what a run trained and validated on."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "sha256", "class", "split"])
+    for path, sha, label, s in zip(
+        images.paths, images.sha256, images.labels.tolist(), split, strict=True
+    ):
+        w.writerow([path, sha, images.classes[label], s])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- DataModule
+def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
+    steps: list[v2.Transform] = []
+    if augment.crop_scale:
+        steps.append(v2.RandomResizedCrop(image_size, scale=(augment.crop_scale, 1.0)))
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if augment.color_jitter:
+        j = augment.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    return v2.Compose(steps) if steps else None
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 images. Batches are sliced in one go (__getitems__), not stacked per item."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: v2.Transform | None = None):
+        self.x, self.y, self.augment = x, y, augment
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(idx)
+        x = self.x[index]
+        if self.augment is not None:  # per image: v2 on a batch would share one random draw
+            x = torch.stack([self.augment(im) for im in x])
+        return x, self.y[index]
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+class ImageDataModule(pl.LightningDataModule):
+    def __init__(self, images: ImageSet, split: np.ndarray, data: DictConfig, seed: int):
+        super().__init__()
+        self.images, self.split, self.batch_size, self.seed = images, split, data.batch_size, seed
+        self.augment = build_augment(data.augment, data.image_size)
+
+    def subset(self, name: str, augment: v2.Transform | None = None) -> TensorImages:
+        idx = torch.from_numpy(np.flatnonzero(self.split == name))
+        return TensorImages(self.images.images[idx], self.images.labels[idx], augment)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        ds = self.subset(name, self.augment if name == "train" else None)
+        gen = torch.Generator().manual_seed(self.seed)
+        # num_workers=0: the data is already decoded in memory; workers gained nothing on 2 cores.
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen, collate_fn=_as_batch
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

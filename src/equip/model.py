@@ -1,0 +1,196 @@
+"""The CNN built from `conf/model/*.yaml` and its LightningModule.
+
+Default = the Lab05 architecture: 3-channel input -> [Conv2d -> MaxPool] x len(filters) -> Dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+
+from equip.errors import EquipError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None}
+HEADS = ("flatten", "gap")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
+
+
+def _choice(m: Mapping, key: str, allowed) -> None:
+    if m[key] not in allowed:
+        raise EquipError(f"model.{key}={m[key]!r} is not one of: {', '.join(allowed)}.")
+
+
+def kernel_sizes(m: Mapping) -> list[int]:
+    ks = m["kernel_sizes"]
+    return [int(ks)] * len(m["filters"]) if isinstance(ks, int) else [int(k) for k in ks]
+
+
+def check_model(m: Mapping, image_size: int) -> None:
+    """Raise EquipError naming the key for any architecture that cannot be built or trained."""
+    filters = list(m["filters"])
+    if not filters or not all(isinstance(f, int) and f > 0 for f in filters):
+        raise EquipError(
+            f"model.filters={filters} must be a non-empty list of positive ints, e.g. [32,64]."
+        )
+    ks = m["kernel_sizes"]
+    if not isinstance(ks, int) and len(ks) != len(filters):
+        raise EquipError(
+            f"model.kernel_sizes={list(ks)} has {len(ks)} entries but model.filters={filters} "
+            f"has {len(filters)}: give one kernel size per conv block, or a single int for all."
+        )
+    for key, allowed in (
+        ("pool", POOLS), ("activation", ACTIVATIONS), ("head", HEADS),
+        ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
+    ):  # fmt: skip
+        _choice(m, key, allowed)
+    if not m["lr"] > 0:
+        raise EquipError(f"model.lr={m['lr']} must be positive, e.g. model.lr=0.001.")
+    if m["weight_decay"] < 0:
+        raise EquipError(f"model.weight_decay={m['weight_decay']} must be >= 0.")
+    if not 0 <= m["dropout"] < 1:
+        raise EquipError(f"model.dropout={m['dropout']} must be in [0, 1).")
+    if not all(isinstance(h, int) and h > 0 for h in m["hidden"]):
+        raise EquipError(f"model.hidden={list(m['hidden'])} must be a list of positive ints.")
+    size = image_size
+    for i, k in enumerate(kernel_sizes(m)):
+        if k < 1:
+            raise EquipError(f"model.kernel_sizes: block {i} has kernel {k}; use 1 or more.")
+        if m["pool"] != "none":
+            size //= 2
+            if size < 1:
+                raise EquipError(
+                    f"model.filters={filters}: {len(filters)} pooling blocks shrink a "
+                    f"{image_size} px image below 1 px at block {i}. Use at most "
+                    f"{image_size.bit_length() - 1} blocks, or raise data.image_size."
+                )
+
+
+def build_net(m: Mapping, num_classes: int, image_size: int) -> nn.Sequential:
+    check_model(m, image_size)
+    act = ACTIVATIONS[m["activation"]]
+    pool = POOLS[m["pool"]]
+    layers: list[nn.Module] = [Normalize()]
+    c_in, size = 3, image_size
+    for c_out, k in zip(m["filters"], kernel_sizes(m), strict=True):
+        layers.append(nn.Conv2d(c_in, c_out, k, padding="same", bias=not m["batch_norm"]))
+        if m["batch_norm"]:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(act())
+        if pool is not None:
+            layers.append(pool(2))
+            size //= 2
+        c_in = c_out
+    if m["head"] == "gap":
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        width = c_in
+    else:
+        layers.append(nn.Flatten())
+        width = c_in * size * size
+    for h in m["hidden"]:
+        if m["dropout"]:
+            layers.append(nn.Dropout(m["dropout"]))
+        layers += [nn.Linear(width, h), act()]
+        width = h
+    if m["dropout"]:
+        layers.append(nn.Dropout(m["dropout"]))
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def mflops_per_image(net: nn.Module, image_size: int) -> float:
+    """Forward-pass MFLOPs for one image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = net.training
+    with counter, torch.no_grad():
+        net.eval()(torch.zeros(1, 3, image_size, image_size))
+    net.train(was_training)
+    return counter.get_total_flops() / 1e6
+
+
+class Normalize(nn.Module):
+    """uint8 images -> float in [-1, 1], channels_last (about 10% faster convolutions on CPU).
+    Part of the network, so a logged model takes the same uint8 images the data module yields."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).mul(2 / 255).sub(1)
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+class Classifier(pl.LightningModule):
+    """Everything needed to rebuild it is in its hyperparameters, so a checkpoint loads alone:
+    `Classifier.load_from_checkpoint(path)`."""
+
+    def __init__(self, model: dict[str, Any], classes: list[str], image_size: int):
+        super().__init__()
+        self.save_hyperparameters()
+        num_classes = len(classes)
+        self.classes, self.image_size = list(classes), image_size
+        self.net = build_net(model, num_classes, image_size).to(memory_format=torch.channels_last)
+        self.opt = dict(model)
+        self.loss = nn.CrossEntropyLoss()
+        metrics = torchmetrics.MetricCollection(
+            {
+                "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro"),
+                "macro_f1": torchmetrics.classification.MulticlassF1Score(num_classes),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, stage: str, metrics: torchmetrics.MetricCollection) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        metrics.update(logits, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test", self.test_metrics)
+
+    def configure_optimizers(self):
+        o = self.opt
+        kwargs = {"lr": o["lr"], "weight_decay": o["weight_decay"]}
+        if o["optimizer"] == "sgd":
+            kwargs["momentum"] = 0.9
+        optimizer = OPTIMIZERS[o["optimizer"]](self.parameters(), **kwargs)
+        if o["scheduler"] == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(self.trainer.max_epochs or 1, 1)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": sched}
+        if o["scheduler"] == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=o["lr"], total_steps=self.trainer.estimated_stepping_batches
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": sched, "interval": "step"},
+            }
+        if o["scheduler"] == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"},
+            }
+        return optimizer

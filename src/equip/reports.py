@@ -1,0 +1,70 @@
+"""End-of-run evaluation artefacts: per-class metrics, confusion matrix, learning curves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+
+def per_class_table(classes: list[str], y_true: torch.Tensor, y_pred: torch.Tensor) -> dict:
+    """Column-wise table {'class': [...], 'precision': [...], ...} for mlflow.log_table."""
+    n = len(classes)
+    cols: dict[str, list[Any]] = {"class": list(classes)}
+    for name, metric in (
+        ("precision", MulticlassPrecision(n, average=None)),
+        ("recall", MulticlassRecall(n, average=None)),
+        ("f1", MulticlassF1Score(n, average=None)),
+    ):
+        cols[name] = [round(v, 4) for v in metric(y_pred, y_true).tolist()]
+    cols["support"] = torch.bincount(y_true, minlength=n).tolist()
+    return cols
+
+
+def table_csv(table: dict) -> str:
+    keys = list(table)
+    rows = [",".join(keys)] + [
+        ",".join(str(table[k][i]) for k in keys) for i in range(len(table[keys[0]]))
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def confusion_figure(classes: list[str], y_true: torch.Tensor, y_pred: torch.Tensor):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cm = MulticlassConfusionMatrix(len(classes))
+    cm.update(y_pred, y_true)
+    fig, ax = cm.plot(labels=classes)
+    fig.set_size_inches(1.0 + 0.6 * len(classes), 1.0 + 0.55 * len(classes))
+    ax.set_title("validation confusion matrix (rows: true, columns: predicted)")
+    ax.tick_params(axis="x", labelrotation=60)
+    return fig, cm.compute()
+
+
+def learning_curves_figure(history: list[dict[str, float]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    epochs = [h["epoch"] for h in history]
+    for stage in ("train", "val"):
+        for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
+            key = f"{stage}_{metric}"
+            pts = [(e, h[key]) for e, h in zip(epochs, history, strict=True) if key in h]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=stage)
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig

@@ -1,0 +1,46 @@
+"""CPU fast path, applied once per process before torch allocates anything large.
+
+Measured on a 2-core machine (Lab05 CNN, 128 px, batch 64): default glibc malloc 109 img/s, tuned
+allocator 264 img/s, plus channels_last 294 img/s. glibc serves the large activation buffers with
+mmap and trims the heap after each free, so every step unmaps and re-faults them; keeping them on
+the heap removes that. No library exposes mallopt, hence ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_applied = False
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from mmap-ing and trimming big blocks. Returns False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def apply_fast_path() -> None:
+    """Allocator tuning and one intra-op thread per available core. Idempotent."""
+    global _applied
+    if _applied:
+        return
+    tune_allocator()
+    import torch
+
+    torch.set_num_threads(cpu_count())
+    _applied = True

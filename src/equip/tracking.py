@@ -1,0 +1,197 @@
+"""MLflow: where runs go, what a run is called, and what of the config becomes params.
+
+Imported by commands that train; mlflow itself is imported inside functions so that
+`equip.tracking` stays cheap for commands that only read configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from equip.errors import EquipError
+
+log = logging.getLogger(__name__)
+
+# Keys whose values are never logged anywhere (params, tags, artifacts).
+SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|api_?key|access_?key|sas", re.I)
+REDACTED = "***"
+MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in mlflow 3
+
+
+def resolve_uri(tracking: DictConfig) -> str:
+    """MLFLOW_TRACKING_URI wins (Azure ML jobs inject it); a relative sqlite path is made absolute
+    against the launch directory so every job of a sweep writes to the same store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def connect(tracking: DictConfig) -> str:
+    """Point MLflow at the store and fail in seconds, with a fix, when it cannot be used."""
+    import mlflow
+
+    uri = resolve_uri(tracking)
+    if uri.startswith(("http://", "https://")):
+        # MLflow's own client retries for minutes on a dead server; keep the retries short.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        probe = uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(probe, timeout=5).close()
+        except (urllib.error.URLError, OSError) as e:
+            # An HTTP error answer (404, 401...) proves the server is there; only no answer fails.
+            if not isinstance(e, urllib.error.HTTPError):
+                raise EquipError(
+                    f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}). "
+                    "Start it (mlflow server --host 127.0.0.1 --port 5000), fix tracking.uri / "
+                    "MLFLOW_TRACKING_URI, or unset them to log to the local sqlite store."
+                ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EquipError(f"cannot create the MLflow store folder {db.parent}: {e}") from None
+        if not os.access(db.parent, os.W_OK):
+            raise EquipError(f"tracking.uri={uri}: folder {db.parent} is not writable.")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str, artifact_root: str | None) -> str:
+    """Get or create the experiment; local stores keep artifacts under `artifact_root`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_root and client.tracking_uri.startswith(("sqlite:", "file:", "/")):
+        location = (Path(artifact_root).resolve() / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # a parallel job created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict/list config -> {'a.b.c': leaf}; lists of scalars stay one value."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            if k == "_target_":
+                continue
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list) and any(isinstance(v, Mapping | list) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def redact(items: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: REDACTED if SECRET_KEY.search(k) else v for k, v in items.items()}
+
+
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """Every leaf of the composed config as a flat dotted param, within MLflow's limits."""
+    tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    params = {}
+    for k, v in redact(flatten(tree)).items():
+        text = "null" if v is None else str(v)
+        params[k] = text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
+    return params
+
+
+def redacted_yaml(cfg: DictConfig) -> str:
+    tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: REDACTED if SECRET_KEY.search(str(k)) else scrub(v) for k, v in node.items()}
+        return [scrub(v) for v in node] if isinstance(node, list) else node
+
+    return OmegaConf.to_yaml(scrub(tree))
+
+
+def redact_overrides(overrides: Iterable[str]) -> list[str]:
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        out.append(f"{key}={REDACTED}" if "=" in o and SECRET_KEY.search(key) else o)
+    return out
+
+
+# Overrides that change where or how verbosely a run is recorded, not what it trains.
+NOT_IN_RUN_NAME = ("hydra.", "tracking", "trainer.progress_bar", "sweep")
+
+
+def _short(value: str) -> str:
+    return value.strip("[]").replace(",", "-").replace(" ", "")
+
+
+def run_name(cfg: DictConfig, overrides: Iterable[str] = ()) -> str:
+    """Name a run by what distinguishes it: filters and lr always, then each command-line
+    override, e.g. 'filters=32-64 lr=0.001 batch_norm=true'."""
+    parts = {"filters": _short(str(list(cfg.model.filters))), "lr": f"{cfg.model.lr:g}"}
+    if cfg.model.get("name") not in (None, "cnn"):
+        parts = {"model": str(cfg.model.name)}
+    for o in redact_overrides(overrides):
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if not value or key.startswith(NOT_IN_RUN_NAME) or key == "model.filters":
+            continue
+        if key == "data.root":
+            value = Path(value).name
+        parts[key.split(".")[-1]] = _short(value)
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def git_tags(cwd: Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the code that ran; empty outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def run_location(uri: str, experiment: str, run_id: str) -> str:
+    """Where a person finds the run: a UI link for servers, the `mlflow ui` command otherwise."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"run {run_id} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """All metrics of one step in a single request (one call per metric costs ~3 ms on sqlite)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    if batch:
+        MlflowClient().log_batch(run_id, metrics=batch, synchronous=True)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+GEAR = ROOT.parent / "shared" / "data" / "gear_images"
+# Tiny and fast: 32 px images, 8 per class, 2 epochs.
+TINY = [
+    "data.image_size=32",
+    "data.per_class=8",
+    "data.val_fraction=0.25",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite MLflow store in the test's temp dir, which is also the working dir."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*(TINY if tiny else []), *overrides])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from equip.data import load_folder, load_images, preprocess, scan_folder, split_images
+from equip.errors import EquipError
+from tests.conftest import GEAR, make_cfg
+
+
+def rgba_black_under_alpha(size=(40, 20)) -> Image.Image:
+    """Like the gear PNGs: the transparent pixels hold black RGB."""
+    a = np.zeros((size[1], size[0], 4), np.uint8)
+    a[5:15, 10:30] = (200, 30, 30, 255)  # opaque red object; the rest is (0, 0, 0, 0)
+    return Image.fromarray(a, "RGBA")
+
+
+def test_transparency_becomes_white_and_aspect_is_kept_with_white_padding():
+    out = preprocess(rgba_black_under_alpha(), 32)
+    assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+    assert (out[:, 0, :] == 255).all()  # padding rows above a 40x20 image: white
+    assert (out[:, 16, 0] == 255).all()  # transparent area inside the image: white, not black
+    assert out[0, 16, 16] > 200 and out[1, 16, 16] < 60  # the red object survives
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "LA", "I;16", "RGB"])
+def test_every_pixel_format_becomes_3_channel_uint8(mode: str):
+    base = Image.fromarray(np.tile(np.linspace(20, 220, 24, dtype=np.uint8), (24, 1)), "L")
+    img = (
+        base.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.asarray(base, np.uint16) * 257, "I;16")
+    )
+    out = preprocess(img, 16)
+    assert out.shape == (3, 16, 16) and out.dtype == np.uint8
+    assert out.min() < 30 and out.max() > 225  # contrast stretched across the full range
+
+
+def test_contrast_stretch_spans_full_range_per_channel():
+    a = np.full((10, 10, 3), 100, np.uint8)
+    a[:5] = 140
+    out = preprocess(Image.fromarray(a), 10)
+    assert out.min() == 0 and out.max() == 255
+
+
+def write_tree(root: Path) -> None:
+    """Two classes in every format we claim to read, plus a corrupt and a truncated file."""
+    (root / "helmets").mkdir(parents=True)
+    (root / "rope").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        arr = rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "helmets" / f"h{i}.jpg")
+        Image.fromarray(arr[:, :, 0]).save(root / "rope" / f"grey{i}.png")
+    rgba_black_under_alpha().save(root / "helmets" / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(
+        root / "helmets" / "cmyk.jpg"
+    )
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16), "I;16").save(
+        root / "rope" / "deep.png"
+    )
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+        root / "rope" / "w.webp"
+    )
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "rope" / "b.bmp")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).convert("P").save(
+        root / "rope" / "pal.png"
+    )
+    (root / "rope" / "corrupt.jpg").write_bytes(b"not an image at all")
+    good = (root / "helmets" / "h0.jpg").read_bytes()
+    (root / "helmets" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "rope" / "notes.txt").write_text("ignored: not an image")
+
+
+def test_folder_reads_formats_skips_corrupt_files_and_caches_on_disk(tmp_path: Path, caplog):
+    write_tree(tmp_path / "imgs")
+    with caplog.at_level(logging.WARNING):
+        first = load_folder(tmp_path / "imgs", 16, tmp_path / "cache")
+    assert first.classes == ["helmets", "rope"]
+    skipped = {Path(p).name for p, _ in first.skipped}
+    assert "corrupt.jpg" in skipped
+    assert len(first.labels) + len(first.skipped) == 15
+    assert "corrupt.jpg" in caplog.text
+    assert first.source == "decoded" and first.decoded == len(first.labels)
+
+    second = load_folder(tmp_path / "imgs", 16, tmp_path / "cache")
+    assert second.source == "disk-cache" and second.decoded == 0
+    assert second.fingerprint == first.fingerprint
+    assert (second.images == first.images).all()
+
+    other_size = load_folder(tmp_path / "imgs", 24, tmp_path / "cache")
+    assert other_size.decoded > 0 and other_size.fingerprint != first.fingerprint
+
+
+def test_nothing_readable_fails_with_the_list_of_files(tmp_path: Path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "x.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(EquipError, match=r"no readable image(.|\n)*a/x\.png(.|\n)*b/x\.png"):
+        load_folder(tmp_path, 16, None)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "has no class folders"),
+        ({"a": 1, "b": 0}, "class folder.*with no images.*: b"),
+        ({"only": 2}, "only 1 class folder"),
+    ],
+)
+def test_bad_folder_layouts_are_named(tmp_path: Path, layout: dict, message: str):
+    for name, n in layout.items():
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
+    with pytest.raises(EquipError, match=message):
+        scan_folder(tmp_path)
+
+
+def test_missing_root_names_the_key(tmp_path: Path):
+    with pytest.raises(EquipError, match="data.root=.*does not exist"):
+        scan_folder(tmp_path / "nope")
+
+
+def test_split_is_stratified_seeded_and_keeps_duplicates_together():
+    images = load_images(make_cfg("data.per_class=10").data)
+    s1 = split_images(images, 0.2, 0.0, seed=1)
+    assert (s1 == split_images(images, 0.2, 0.0, seed=1)).all()
+    assert (s1 != split_images(images, 0.2, 0.0, seed=2)).any()
+    labels = images.labels.numpy()
+    for c in range(len(images.classes)):
+        assert (s1[labels == c] == "val").sum() == 2  # 20% of 10, in every class
+    # Byte-identical copies: add a duplicate of every image and split again.
+    from dataclasses import replace
+
+    import torch
+
+    dup = replace(
+        images,
+        images=torch.cat([images.images, images.images]),
+        labels=torch.cat([images.labels, images.labels]),
+        sha256=images.sha256 * 2,
+        paths=images.paths * 2,
+    )
+    s = split_images(dup, 0.2, 0.1, seed=3)
+    n = len(images.labels)
+    assert (s[:n] == s[n:]).all()
+    assert {"train", "val", "test"} == set(s)
+
+
+def test_val_fraction_that_leaves_a_class_without_validation_is_refused():
+    images = load_images(make_cfg("data.per_class=3").data)
+    with pytest.raises(EquipError, match="data.val_fraction=0.1 leaves class 'axes'"):
+        split_images(images, 0.1, 0.0, seed=0)
+    with pytest.raises(EquipError, match="data.val_fraction=1.5"):
+        split_images(images, 1.5, 0.0, seed=0)
+
+
+def test_second_load_in_a_process_comes_from_memory():
+    cfg = make_cfg("data.per_class=4", "data.generator_seed=7")
+    first = load_images(cfg.data)
+    second = load_images(cfg.data)
+    assert second.source == "memory" and second.images is first.images
+
+
+@pytest.mark.skipif(not GEAR.is_dir(), reason="../shared/data/gear_images is not on this machine")
+def test_real_gear_photos_load_with_white_backgrounds(tmp_path: Path):
+    images = load_folder(GEAR, 32, tmp_path / "cache")
+    assert len(images.classes) == 12 and len(images.labels) == 1586 and not images.skipped
+    gloves = images.classes.index("gloves")
+    pngs = [i for i, p in enumerate(images.paths) if p.endswith(".png") and "gloves" in p]
+    assert pngs and images.labels[pngs[0]] == gloves
+    corners = images.images[pngs][:, :, 0, 0].float()
+    assert corners.mean() > 200  # composited onto white, not the black hidden under the alpha

@@ -1,0 +1,137 @@
+"""Real Lightning training on tiny built-in data, recorded in a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow import MlflowClient
+
+from equip.errors import EquipError
+from equip.training import train
+from tests.conftest import ROOT, TINY, free_port, make_cfg
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_train_records_a_complete_run(store: str):
+    result = train(make_cfg("model.filters=[8,16]", "model.lr=0.003"), ["model.lr=0.003"])
+    client = MlflowClient(store)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "filters=8-16 lr=0.003"
+    p = run.data.params
+    assert p["model.filters"] == "[8, 16]" and p["model.lr"] == "0.003"
+    assert p["data.image_size"] == "32" and p["trainer.max_epochs"] == "2"
+    assert not any("_target_" in k for k in p)
+    assert int(p["arch.params"]) > 0 and float(p["arch.mflops_per_image"]) > 0
+    assert p["dataset.fingerprint"] == run.data.tags["equip.data_fingerprint"]
+    assert run.data.tags["git.commit"] and run.data.tags["git.dirty"] in ("true", "false")
+    for name in ("train_loss", "val_loss", "val_acc", "val_macro_f1", "train_acc"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+    m = run.data.metrics
+    assert 0 <= m["best_val_acc"] <= 1 and m["epochs_trained"] == 2
+    assert {
+        "config/config.yaml",
+        "config/overrides.txt",
+        "data/split.csv",
+        "eval/per_class_metrics.json",
+        "eval/per_class_metrics.csv",
+        "eval/confusion_matrix.png",
+        "eval/confusion_matrix.csv",
+        "eval/learning_curves.png",
+        "checkpoints/best.ckpt",
+    } <= artifacts(client, run.info.run_id)
+    manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split.csv").splitlines()
+    assert manifest[0] == "path,sha256,class,split" and len(manifest) == 1 + 12 * 8
+
+    # The logged model takes uint8 images and agrees with the best checkpoint.
+    [logged] = client.search_logged_models([run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    net = mlflow.pytorch.load_model(logged.model_uri)
+    from equip.model import Classifier
+
+    ckpt = Classifier.load_from_checkpoint(result["checkpoint"]).eval()
+    x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(net(x), ckpt(x), atol=1e-5)
+
+
+class Explode(pl.Callback):
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("disk full (test)")
+
+
+def test_a_failing_run_is_marked_failed_and_keeps_what_it_logged(store: str):
+    cfg = make_cfg("trainer.max_epochs=3")
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(cfg, [], callbacks=[Explode()])
+    client = MlflowClient(store)
+    [run] = client.search_runs(client.get_experiment_by_name("equip").experiment_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["equip.error"] == "RuntimeError: disk full (test)"
+    assert len(client.get_metric_history(run.info.run_id, "val_acc")) >= 1  # epoch 0 kept
+    assert {"error.txt", "checkpoints/best.ckpt", "data/split.csv"} <= artifacts(
+        client, run.info.run_id
+    )
+    assert mlflow.active_run() is None
+
+
+def test_bad_config_fails_before_any_run_is_created(store: str):
+    with pytest.raises(EquipError, match="model.lr"):
+        train(make_cfg("model.lr=-1"), [])
+    assert not Path("mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_fails_in_seconds(store: str):
+    cfg = make_cfg(f"tracking.uri=http://127.0.0.1:{free_port()}")
+    t0 = time.perf_counter()
+    with pytest.raises(EquipError, match=r"unreachable(.|\n)*mlflow server"):
+        train(cfg, [])
+    assert time.perf_counter() - t0 < 10
+
+
+def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
+    env_store = f"sqlite:///{tmp_path}/from_env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_store)
+    train(make_cfg("trainer.max_epochs=1", "tracking.log_model=false"), [])
+    assert len(MlflowClient(env_store).search_runs(["1"])) == 1
+    assert not Path("mlflow.db").exists()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *TINY, *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
+    proc = run_cli("model.filters=[8],[8,16]", "tracking.log_model=false", "-m", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(["1"], order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == ["filters=8 lr=0.001", "filters=8-16 lr=0.001"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert [r.data.tags["equip.data_source"] for r in runs] == ["decoded", "memory"]
+    assert "MLflow: run" in proc.stderr
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path):
+    proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "equip: error: data.root=" in proc.stderr and "Traceback" not in proc.stderr
