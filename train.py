@@ -1,15 +1,22 @@
 """Train one CNN per config (or one per point with -m) and record each in MLflow.
 
-python train.py                                   # built-in data, local MLflow store
-python train.py model.filters=[32,64],[32,64,128] -m
+python train.py                                      # built-in data, local MLflow store
+python train.py model.filters=[32,64],[32,64,128] -m # one parent run, one child per job
+python train.py -m sweep=smoke                       # a named sweep from sweeps/
 """
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from equip.sweeps import register_sweep_configs
+
+register_sweep_configs(Path(__file__).parent / "sweeps")
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> float:
     from equip.cli import run_training  # torch/lightning/mlflow load only when a job runs
 
     return run_training(cfg)

@@ -63,7 +63,10 @@ def test_train_records_a_complete_run(store: str):
     net = mlflow.pytorch.load_model(logged.model_uri)
     from equip.model import Classifier
 
-    ckpt = Classifier.load_from_checkpoint(result["checkpoint"]).eval()
+    ckpt_file = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/checkpoints/best.ckpt"
+    )
+    ckpt = Classifier.load_from_checkpoint(ckpt_file).eval()
     x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(net(x), ckpt(x), atol=1e-5)
@@ -124,7 +127,11 @@ def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
     proc = run_cli("model.filters=[8],[8,16]", "tracking.log_model=false", "-m", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs(["1"], order_by=["attributes.start_time ASC"])
+    [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
+    runs = client.search_runs(
+        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )  # fmt: skip
     assert [r.info.run_name for r in runs] == ["filters=8 lr=0.001", "filters=8-16 lr=0.001"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert [r.data.tags["equip.data_source"] for r in runs] == ["decoded", "memory"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from omegaconf import DictConfig
 from rich.console import Console
@@ -12,20 +13,36 @@ from equip.errors import EquipError
 console = Console(stderr=True)
 
 
-def run_training(cfg: DictConfig) -> dict:
+def run_training(cfg: DictConfig) -> float:
+    """Train one job; return its monitored metric (what an Optuna sweeper maximises)."""
+    from equip import sweeps
     from equip.training import train
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    in_sweep = sweeps.parent_run_id() is not None
     try:
         result = train(cfg)
-    except EquipError as e:
-        console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
-        raise SystemExit(2) from None
+    except Exception as e:
+        if not (in_sweep and cfg.sweep.continue_on_failure):
+            if isinstance(e, EquipError):
+                console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
+                raise SystemExit(2) from None
+            raise
+        if not getattr(e, "mlflow_run_id", None):  # failed before its run existed: record it
+            sweeps.record_failed_job(cfg, e)
+        console.print(f"[bold red]job failed[/] (the sweep goes on): {type(e).__name__}: {e}",
+                      highlight=False)  # fmt: skip
+        return math.nan
     m = result["metrics"]
-    console.print(
-        f"[bold green]done[/] {result['run_name']}: best val_acc {m['best_val_acc']:.3f} "
-        f"(epoch {m['best_epoch']}), {m['epochs_trained']} epochs in {m['train_time_s']:.0f} s",
-        highlight=False,
-    )
-    console.print(f"MLflow: {result['location']}", highlight=False, soft_wrap=True)
-    return result
+    if result.get("skipped"):
+        console.print(f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run "
+                      f"{result['run_id']}", highlight=False)  # fmt: skip
+    else:
+        console.print(
+            f"[bold green]done[/] {result['run_name']}: best val_acc {m['best_val_acc']:.3f} "
+            f"(epoch {m['best_epoch']:.0f}), {m['epochs_trained']:.0f} epochs in "
+            f"{m['train_time_s']:.0f} s",
+            highlight=False,
+        )
+        console.print(f"MLflow: {result['location']}", highlight=False, soft_wrap=True)
+    return float(m.get(f"best_{cfg.trainer.monitor}", math.nan))

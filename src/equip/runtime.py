@@ -34,13 +34,25 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def apply_fast_path() -> None:
-    """Allocator tuning and one intra-op thread per available core. Idempotent."""
+def apply_fast_path(parallel_jobs: int = 1) -> None:
+    """Allocator tuning, and the cores shared out among jobs running side by side
+    (joblib launcher): oversubscribed threads slow every job down. Idempotent."""
     global _applied
-    if _applied:
-        return
-    tune_allocator()
+    if not _applied:
+        tune_allocator()
+        _applied = True
     import torch
 
-    torch.set_num_threads(cpu_count())
-    _applied = True
+    torch.set_num_threads(max(1, cpu_count() // max(parallel_jobs, 1)))
+
+
+def parallel_jobs() -> int:
+    """How many jobs the Hydra launcher runs at once (1 outside a parallel multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 1
+    n_jobs = HydraConfig.get().launcher.get("n_jobs")
+    if n_jobs is None:
+        return 1
+    return cpu_count() if n_jobs < 0 else int(n_jobs)

@@ -7,6 +7,8 @@ in Hydra.
 from __future__ import annotations
 
 import logging
+import shutil
+import statistics
 import tempfile
 import time
 import traceback
@@ -23,11 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from equip import __version__, reports, tracking
+from equip import __version__, reports, sweeps, tracking
 from equip.data import ImageDataModule, ImageSet, load_images, split_images, split_manifest
 from equip.errors import EquipError
 from equip.model import Classifier, check_model, mflops_per_image
-from equip.runtime import apply_fast_path
+from equip.runtime import apply_fast_path, parallel_jobs
 
 log = logging.getLogger(__name__)
 # Deliberate choices Lightning warns about: in-memory data needs no loader workers (measured: 2
@@ -67,6 +69,49 @@ class EpochMetrics(pl.Callback):
         self.history.append({"epoch": trainer.current_epoch, **metrics})
 
 
+class MedianStopping(pl.Callback):
+    """Stop a sweep job whose monitored metric is worse than the median of its finished
+    siblings at the same epoch (the median stopping rule), and tag it as pruned."""
+
+    def __init__(self, experiment_id: str, parent_id: str, cfg: DictConfig):
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+        self.monitor, self.mode = cfg.trainer.monitor, cfg.trainer.monitor_mode
+        self.after, self.min_finished = (
+            cfg.sweep.median_stop.after_epochs,
+            cfg.sweep.median_stop.min_finished,
+        )
+        self._histories: dict[str, dict[int, float]] = {}  # finished runs never change: cache
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        value = trainer.callback_metrics.get(self.monitor)
+        if epoch + 1 < self.after or value is None:
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        siblings = client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'FINISHED'",
+        )
+        for s in siblings:
+            if s.info.run_id not in self._histories:
+                history = client.get_metric_history(s.info.run_id, self.monitor)
+                self._histories[s.info.run_id] = {h.step: h.value for h in history}
+        at_epoch = [h[epoch] for h in self._histories.values() if epoch in h]
+        if len(at_epoch) < self.min_finished:
+            return
+        median = statistics.median(at_epoch)
+        value = float(value)
+        if (value < median) if self.mode == "max" else (value > median):
+            trainer.should_stop = True
+            mlflow.set_tags({
+                "equip.pruned": "true",
+                "equip.pruned_reason": f"{self.monitor}={value:.4f} at epoch {epoch} is worse "
+                f"than the median {median:.4f} of {len(at_epoch)} finished sibling(s)",
+            })  # fmt: skip
+
+
 def check_trainer(t: DictConfig) -> None:
     if t.max_epochs < 1:
         raise EquipError(f"trainer.max_epochs={t.max_epochs} must be at least 1.")
@@ -94,7 +139,7 @@ def train(
 
     `overrides` name the run (default: Hydra's task overrides); `callbacks` join the Trainer's.
     """
-    apply_fast_path()
+    apply_fast_path(parallel_jobs())
     overrides = hydra_overrides() if overrides is None else list(overrides)
     # Every check that needs no data comes first: a bad config fails in seconds.
     check_model(cfg.model, cfg.data.image_size)
@@ -103,22 +148,37 @@ def train(
     images = load_images(cfg.data)
     split = split_images(images, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     exp_id = tracking.experiment_id(cfg.tracking.experiment, cfg.tracking.artifact_root)
-    name = tracking.run_name(cfg, overrides)
+    parent_id = sweeps.parent_run_id()
+    name = tracking.run_name(cfg, sweeps.job_name_overrides(overrides) if parent_id else overrides)
+    cfg_hash = sweeps.config_hash(cfg)
+    if parent_id and cfg.sweep.resume:
+        twin = sweeps.finished_twin(exp_id, parent_id, cfg_hash)
+        if twin is not None:  # a resumed sweep: this exact config already finished
+            return {"run_id": twin.info.run_id, "run_name": twin.info.run_name, "skipped": True,
+                    "metrics": twin.data.metrics, "experiment_id": exp_id,
+                    "location": tracking.run_location(uri, exp_id, twin.info.run_id)}  # fmt: skip
     tags = {"equip.version": __version__, "equip.data_fingerprint": images.fingerprint,
-            "equip.data_source": images.source,
+            "equip.data_source": images.source, "equip.config_hash": cfg_hash,
             **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
-    run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags)
+    run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=parent_id)
     run_id = run.info.run_id
     log.info("MLflow run %s (%s)", name, run_id)
+    ckpt_dir = tempfile.mkdtemp(prefix="equip-ckpt-")
     checkpoint = ModelCheckpoint(
-        dirpath=tempfile.mkdtemp(prefix="equip-ckpt-"), filename="best",
+        dirpath=ckpt_dir, filename="best",
         monitor=cfg.trainer.monitor, mode=cfg.trainer.monitor_mode, save_top_k=1,
     )  # fmt: skip
+    callbacks = list(callbacks)
+    if parent_id and cfg.sweep.median_stop.enabled:
+        callbacks.append(MedianStopping(exp_id, parent_id, cfg))
     try:
         result = _fit_and_log(cfg, overrides, images, split, run_id, checkpoint, callbacks)
     except BaseException as e:
         _record_failure(e, checkpoint)
+        e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # tells the CLI a run exists
         raise
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     mlflow.end_run("FINISHED")
     result.update(run_id=run_id, run_name=name, experiment_id=exp_id,
                   location=tracking.run_location(uri, exp_id, run_id))  # fmt: skip
@@ -232,7 +292,7 @@ def _fit_and_log(
         mlflow.log_artifact(best, "checkpoints")
     if cfg.tracking.log_model:
         _log_model(model, cfg.data.image_size)
-    return {"metrics": final, "history": epochs.history, "checkpoint": best}
+    return {"metrics": final, "history": epochs.history}
 
 
 def _predict(model: Classifier, subset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,168 @@
+"""Real Hydra multiruns (subprocesses of train.py) against real MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, TINY
+
+FAST = [*TINY, "tracking.log_model=false"]
+
+
+def sweep(*args: str, cwd: Path, env_uri: str | None = None, wait: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if env_uri:
+        env["MLFLOW_TRACKING_URI"] = env_uri
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def parent_and_children(client: MlflowClient):
+    [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
+    children = client.search_runs(
+        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )  # fmt: skip
+    return parent, children
+
+
+def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path):
+    proc = sweep("model.filters=[8],[8,16]", "model.lr=0.001,0.01", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent, children = parent_and_children(client)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    tags = parent.data.tags
+    assert parent.info.run_name == "sweep filters=[8],[8,16] lr=0.001,0.01"
+    assert tags["equip.swept_keys"] == "model.filters,model.lr"
+    assert "BasicSweeper" in tags["equip.sweeper"] and "BasicLauncher" in tags["equip.launcher"]
+    assert Path(tags["equip.sweep_dir"]).is_dir()
+    assert tags["equip.best_run_id"] in {c.info.run_id for c in children}
+    assert parent.data.metrics["jobs_finished"] == 4 and parent.data.metrics["jobs_failed"] == 0
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/leaderboard.csv", "sweep/leaderboard.md", "sweep/leaderboard.html",
+            "sweep/parallel.png"} <= names  # fmt: skip
+    assert "rank" in proc.stdout and "filters=8-16 lr=0.01" in proc.stdout
+
+    report = subprocess.run(
+        [sys.executable, "-m", "equip.sweeps", "report", "latest"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert parent.info.run_id in report.stdout and report.stdout.count("FINISHED") == 4
+
+
+def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Path):
+    proc = sweep("model.filters=[8],[8,8,8,8,8,8]", "model.lr=0.001,-1", cwd=tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "3 sweep point(s) are invalid" in err
+    assert "model.filters=[8,8,8,8,8,8] model.lr=0.001" in err and "below 1 px" in err
+    assert "model.lr=-1" in err and "must be positive" in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path):
+    # val_fraction=0.01 passes the config checks but leaves classes without validation images.
+    proc = sweep("data.val_fraction=0.25,0.01,0.3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert [c.info.status for c in children] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "no validation image" in children[1].data.tags["equip.error"]
+    assert parent.data.metrics["jobs_failed"] == 1 and parent.data.metrics["jobs_finished"] == 2
+
+
+def test_killed_sweep_resumes_without_retraining_finished_jobs(tmp_path: Path):
+    args = ("model.filters=[4],[8],[4,8],[8,16]", "trainer.max_epochs=3")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    proc = sweep(*args, cwd=tmp_path, wait=False)
+    deadline = time.time() + 300
+    finished = []
+    while len(finished) < 2:
+        assert proc.poll() is None and time.time() < deadline, "sweep ended before 2 jobs"
+        time.sleep(0.2)
+        if (tmp_path / "mlflow.db").exists():
+            try:
+                finished = client.search_runs(
+                    ["1"], "attributes.status = 'FINISHED' and tags.mlflow.parentRunId != ''"
+                )
+            except Exception:  # tables still being created
+                finished = []
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {
+        r.info.run_id for r in client.search_runs(["1"], "attributes.status = 'FINISHED'")
+    }
+    assert 2 <= len(done_before) < 4
+
+    rerun = sweep(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    parent, children = parent_and_children(client)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 4
+    assert len({c.data.tags["equip.config_hash"] for c in finished}) == 4
+    assert done_before <= {c.info.run_id for c in finished}  # the first ones were not retrained
+    assert rerun.stderr.count("skipped") >= len(done_before)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["jobs_skipped"] == len(done_before)
+    # the job cut off by the kill is not left RUNNING
+    assert all(c.info.status != "RUNNING" for c in children)
+
+
+def check_nothing_lost(client: MlflowClient, n_jobs: int) -> None:
+    parent, children = parent_and_children(client)
+    assert len(children) == n_jobs and all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        assert len(c.data.params) > 40  # every config leaf, dataset and arch param
+        for metric in ("train_loss", "val_acc", "val_macro_f1"):
+            assert len(client.get_metric_history(c.info.run_id, metric)) == 2
+        assert c.data.metrics["best_val_acc"] >= 0
+
+
+JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+
+
+@pytest.mark.slow
+def test_joblib_with_two_workers_loses_nothing_on_sqlite(tmp_path: Path):
+    proc = sweep(*JOBLIB, "model.filters=[4],[8],[4,8],[8,16]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    check_nothing_lost(client, 4)
+    parent, _ = parent_and_children(client)
+    assert "JoblibLauncher" in parent.data.tags["equip.launcher"]
+
+
+@pytest.mark.slow
+def test_joblib_with_two_workers_loses_nothing_over_http(tmp_path: Path, mlflow_server: str):
+    proc = sweep(*JOBLIB, "model.filters=[4],[8]", cwd=tmp_path, env_uri=mlflow_server)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_nothing_lost(MlflowClient(mlflow_server), 2)
+    assert "http://127.0.0.1" in proc.stderr  # where the parent run is, as a UI link
+
+
+def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
+    proc = sweep(
+        "model.lr=0.01,0.00000001", "trainer.max_epochs=4", "trainer.monitor=val_loss",
+        "trainer.monitor_mode=min", "sweep.median_stop.enabled=true",
+        "sweep.median_stop.after_epochs=2", "sweep.median_stop.min_finished=1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    good, hopeless = children
+    assert "equip.pruned" not in good.data.tags and good.data.metrics["epochs_trained"] == 4
+    assert hopeless.data.tags["equip.pruned"] == "true"
+    assert "worse than the median" in hopeless.data.tags["equip.pruned_reason"]
+    assert hopeless.data.metrics["epochs_trained"] == 2
+    assert parent.data.metrics["jobs_pruned"] == 1
