@@ -50,11 +50,12 @@ def mlflow_server(tmp_path: Path):
     port = free_port()
     store = tmp_path / "server"
     store.mkdir()
+    log = open(store / "server.log", "w")  # noqa: SIM115  # lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
          "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -73,3 +74,4 @@ def mlflow_server(tmp_path: Path):
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log.close()

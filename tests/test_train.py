@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -9,12 +10,15 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
-import torch
 from mlflow import MlflowClient
 
 from equip.errors import EquipError
+from equip.model import Classifier
+from equip.serving import classify
 from equip.training import train
 from tests.conftest import ROOT, TINY, free_port, make_cfg
 
@@ -57,19 +61,37 @@ def test_train_records_a_complete_run(store: str):
     manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split.csv").splitlines()
     assert manifest[0] == "path,sha256,class,split" and len(manifest) == 1 + 12 * 8
 
-    # The logged model takes uint8 images and agrees with the best checkpoint.
+    # The logged model is a pyfunc that takes image files and agrees with the best checkpoint.
     [logged] = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id
-    net = mlflow.pytorch.load_model(logged.model_uri)
-    from equip.model import Classifier
-
+    pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
     ckpt_file = mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/checkpoints/best.ckpt"
     )
     ckpt = Classifier.load_from_checkpoint(ckpt_file).eval()
-    x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        assert torch.allclose(net(x), ckpt(x), atol=1e-5)
+    files = write_pngs(Path("imgs"), 6)
+    by_path = pyfunc.predict(pd.DataFrame({"image": [str(f) for f in files]}))
+    by_b64 = pyfunc.predict(
+        pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
+    )
+    direct = classify(ckpt, [f.read_bytes() for f in files])
+    assert list(by_path["class"]) == list(by_b64["class"]) == list(direct["class"])
+    assert set(by_path.columns) == {"class", "probability"} | {f"p_{c}" for c in ckpt.classes}
+    assert np.allclose(by_path.filter(like="p_").sum(axis=1), 1, atol=1e-4)
+
+
+def write_pngs(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    from equip.synthetic import make_synthetic
+
+    images, _ = make_synthetic(1, 48, seed=5)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        files.append(folder / f"{i}.png")
+        Image.fromarray(images[i].transpose(1, 2, 0)).save(files[-1])
+    return files
 
 
 class Explode(pl.Callback):

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from equip.errors import EquipError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
 
 
 def run_training(cfg: DictConfig) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -137,7 +137,10 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
                 with Image.open(io.BytesIO(raw)) as img:
                     img.load()
                     arr = preprocess(img, image_size)
-            except Exception as e:  # PIL raises many types for corrupt/truncated files
+            except UnidentifiedImageError:
+                skipped.append((str(path), "not a readable image (unknown or corrupt format)"))
+                continue
+            except Exception as e:  # PIL raises many types for truncated/damaged files
                 skipped.append((str(path), f"{type(e).__name__}: {e}"))
                 continue
             decoded += 1

@@ -34,7 +34,7 @@ from equip import tracking
 from equip.errors import EquipError
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
 SWEPT_ENV = "EQUIP_SWEPT_KEYS"  # jobs name their runs by the swept values only
 METRICS = ("best_val_acc", "best_val_macro_f1", "best_val_loss")
@@ -198,7 +198,9 @@ class SweepTracker(Callback):
                 },
             )
             self.parent_id = run.info.run_id
-        client.set_tag(self.parent_id, "equip.last_sweep_dir", str(Path(config.hydra.sweep.dir).resolve()))
+        client.set_tag(
+            self.parent_id, "equip.last_sweep_dir", str(Path(config.hydra.sweep.dir).resolve())
+        )
         os.environ[PARENT_ENV] = self.parent_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(config))
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -112,6 +111,17 @@ class MedianStopping(pl.Callback):
             })  # fmt: skip
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every check that needs no data, so that a bad config fails in seconds."""
+    if cfg.model.name == "baseline":
+        from equip.baseline import check_baseline
+
+        check_baseline(cfg.model)
+    else:
+        check_model(cfg.model, cfg.data.image_size)
+        check_trainer(cfg.trainer)
+
+
 def check_trainer(t: DictConfig) -> None:
     if t.max_epochs < 1:
         raise EquipError(f"trainer.max_epochs={t.max_epochs} must be at least 1.")
@@ -138,12 +148,11 @@ def train(
     """Validate, load data, train, evaluate and log. Returns the run's id, name and metrics.
 
     `overrides` name the run (default: Hydra's task overrides); `callbacks` join the Trainer's.
+    `model=baseline` trains the scikit-learn baseline through the same path.
     """
     apply_fast_path(parallel_jobs())
     overrides = hydra_overrides() if overrides is None else list(overrides)
-    # Every check that needs no data comes first: a bad config fails in seconds.
-    check_model(cfg.model, cfg.data.image_size)
-    check_trainer(cfg.trainer)
+    check_config(cfg)
     uri = tracking.connect(cfg.tracking)
     images = load_images(cfg.data)
     split = split_images(images, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
@@ -159,6 +168,7 @@ def train(
                     "location": tracking.run_location(uri, exp_id, twin.info.run_id)}  # fmt: skip
     tags = {"equip.version": __version__, "equip.data_fingerprint": images.fingerprint,
             "equip.data_source": images.source, "equip.config_hash": cfg_hash,
+            "equip.model_kind": str(cfg.model.name),
             **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
     run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=parent_id)
     run_id = run.info.run_id
@@ -172,7 +182,18 @@ def train(
     if parent_id and cfg.sweep.median_stop.enabled:
         callbacks.append(MedianStopping(exp_id, parent_id, cfg))
     try:
-        result = _fit_and_log(cfg, overrides, images, split, run_id, checkpoint, callbacks)
+        _log_inputs(cfg, overrides, images, split)
+        if cfg.model.name == "baseline":
+            result = _fit_baseline(cfg, images, split, run_id)
+        else:
+            result = _fit_cnn(cfg, images, split, run_id, checkpoint, callbacks)
+        if cfg.register and result.get("model_uri"):
+            from equip.registry import register_if_better
+
+            score = result["metrics"][cfg.registry.metric]
+            result["registry"] = register_if_better(
+                run_id, result["model_uri"], cfg, images.fingerprint, score
+            )
     except BaseException as e:
         _record_failure(e, checkpoint)
         e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # tells the CLI a run exists
@@ -199,19 +220,9 @@ def _record_failure(error: BaseException, checkpoint: ModelCheckpoint) -> None:
         mlflow.end_run(status)
 
 
-def _fit_and_log(
-    cfg: DictConfig,
-    overrides: list[str],
-    images: ImageSet,
-    split: np.ndarray,
-    run_id: str,
-    checkpoint: ModelCheckpoint,
-    extra_callbacks: Sequence[pl.Callback],
-) -> dict[str, Any]:
+def _log_inputs(cfg: DictConfig, overrides: list[str], images: ImageSet, split: np.ndarray):
+    """What went in: the config, the data and its split."""
     counts = {s: int((split == s).sum()) for s in ("train", "val", "test")}
-    module = Classifier(OmegaConf.to_container(cfg.model), images.classes, cfg.data.image_size)
-    n_params = sum(p.numel() for p in module.parameters())
-    mflops = mflops_per_image(module.net, cfg.data.image_size)
     mlflow.log_params(
         {
             **tracking.config_params(cfg),
@@ -221,8 +232,6 @@ def _fit_and_log(
             **{f"dataset.{s}_images": n for s, n in counts.items()},
             "dataset.skipped_files": len(images.skipped),
             "dataset.decoded_files": images.decoded,
-            "arch.params": n_params,
-            "arch.mflops_per_image": round(mflops, 3),
         }
     )
     mlflow.log_text(tracking.redacted_yaml(cfg), "config/config.yaml")
@@ -231,15 +240,51 @@ def _fit_and_log(
     if images.skipped:
         mlflow.log_text("".join(f"{p}\t{why}\n" for p, why in images.skipped), "data/skipped.tsv")
 
+
+def _log_evaluation(
+    run_id: str, classes: list[str], y_true: torch.Tensor, probs: torch.Tensor,
+    final: dict[str, float], step: int,
+) -> dict[str, float]:  # fmt: skip
+    """What came out, the same for CNN and baseline: final metrics (best_val_*), the per-class
+    table and the confusion matrix of the selected model on the whole validation set."""
+    y_pred = probs.argmax(1)
+    table = reports.per_class_table(classes, y_true, y_pred)
+    final = {
+        "best_val_acc": float((y_true == y_pred).float().mean()),
+        "best_val_macro_f1": float(np.mean(table["f1"])),
+        "best_val_loss": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y_true)),
+        **final,
+    }
+    tracking.log_metrics(run_id, final, step=step)
+    mlflow.log_table(table, "eval/per_class_metrics.json")
+    mlflow.log_text(reports.table_csv(table), "eval/per_class_metrics.csv")
+    fig, matrix = reports.confusion_figure(classes, y_true, y_pred)
+    mlflow.log_figure(fig, "eval/confusion_matrix.png")
+    rows = [",".join(["true\\pred", *classes])]
+    rows += [",".join([c, *map(str, r)]) for c, r in zip(classes, matrix.tolist(), strict=True)]
+    mlflow.log_text("\n".join(rows) + "\n", "eval/confusion_matrix.csv")
+    return final
+
+
+def _fit_cnn(
+    cfg: DictConfig,
+    images: ImageSet,
+    split: np.ndarray,
+    run_id: str,
+    checkpoint: ModelCheckpoint,
+    extra_callbacks: Sequence[pl.Callback],
+) -> dict[str, Any]:
+    module = Classifier(OmegaConf.to_container(cfg.model), images.classes, cfg.data.image_size)
+    mlflow.log_params({
+        "arch.params": sum(p.numel() for p in module.parameters()),
+        "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
+    })  # fmt: skip
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     epochs = EpochMetrics(run_id)
     callbacks: list[pl.Callback] = [checkpoint, epochs, *extra_callbacks]
     if cfg.trainer.patience > 0:
-        callbacks.append(
-            EarlyStopping(
-                cfg.trainer.monitor, patience=cfg.trainer.patience, mode=cfg.trainer.monitor_mode
-            )  # fmt: skip
-        )
+        callbacks.append(EarlyStopping(cfg.trainer.monitor, patience=cfg.trainer.patience,
+                                       mode=cfg.trainer.monitor_mode))  # fmt: skip
     if cfg.trainer.progress_bar:
         callbacks.append(RichProgressBar())
     trainer = pl.Trainer(
@@ -255,50 +300,74 @@ def _fit_and_log(
     train_time = time.perf_counter() - t0
 
     best = checkpoint.best_model_path
-    model = Classifier.load_from_checkpoint(best, map_location="cpu") if best else module
-    model.eval()
-    # The selected (best) model, evaluated on the whole validation set.
-    y_true, logits = _predict(model, dm.subset("val"))
-    y_pred = logits.argmax(1)
-    table = reports.per_class_table(images.classes, y_true, y_pred)
+    if not best:  # no validation score was ever recorded: keep the last weights
+        best = str(Path(checkpoint.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(best)
+    model = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
+    y_true, probs = _predict(model, dm.subset("val"))
     final = {
-        "best_val_acc": float((y_true == y_pred).float().mean()),
-        "best_val_macro_f1": float(np.mean(table["f1"])),
-        "best_val_loss": float(torch.nn.functional.cross_entropy(logits, y_true)),
         "best_epoch": _best_epoch(epochs.history, cfg.trainer.monitor, cfg.trainer.monitor_mode),
         "epochs_trained": len(epochs.history),
         "train_time_s": train_time,
         "train_images_per_s": epochs.train_images / max(train_time, 1e-9),
     }
-    if counts["test"]:
-        t_true, t_logits = _predict(model, dm.subset("test"))
-        final["test_acc"] = float((t_true == t_logits.argmax(1)).float().mean())
-    tracking.log_metrics(run_id, final, step=len(epochs.history))
-
-    mlflow.log_table(table, "eval/per_class_metrics.json")
-    mlflow.log_text(reports.table_csv(table), "eval/per_class_metrics.csv")
-    fig, matrix = reports.confusion_figure(images.classes, y_true, y_pred)
-    mlflow.log_figure(fig, "eval/confusion_matrix.png")
-    rows = [",".join(["true\\pred", *images.classes])]
-    rows += [
-        ",".join([c, *map(str, r)]) for c, r in zip(images.classes, matrix.tolist(), strict=True)
-    ]
-    mlflow.log_text("\n".join(rows) + "\n", "eval/confusion_matrix.csv")
+    if (split == "test").any():
+        t_true, t_probs = _predict(model, dm.subset("test"))
+        final["test_acc"] = float((t_true == t_probs.argmax(1)).float().mean())
+    final = _log_evaluation(run_id, images.classes, y_true, probs, final, len(epochs.history))
     if epochs.history:
-        mlflow.log_figure(
-            reports.learning_curves_figure(epochs.history), "eval/learning_curves.png"
-        )
-    if best:
-        mlflow.log_artifact(best, "checkpoints")
+        mlflow.log_figure(reports.learning_curves_figure(epochs.history),
+                          "eval/learning_curves.png")  # fmt: skip
+    mlflow.log_artifact(best, "checkpoints")
+    result: dict[str, Any] = {"metrics": final, "history": epochs.history}
     if cfg.tracking.log_model:
-        _log_model(model, cfg.data.image_size)
-    return {"metrics": final, "history": epochs.history}
+        from equip.serving import log_pyfunc
+
+        result["model_uri"] = log_pyfunc(best, images.classes, cfg.data.image_size)
+    return result
+
+
+def _fit_baseline(
+    cfg: DictConfig, images: ImageSet, split: np.ndarray, run_id: str
+) -> dict[str, Any]:
+    from equip.baseline import fit_baseline, predict_proba
+
+    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(split == name)
+        return images.images[idx].reshape(len(idx), -1).numpy(), images.labels[idx].numpy()
+
+    x_train, y_train = flat("train")
+    pipeline, fit_time = fit_baseline(cfg.model, x_train, y_train, cfg.data.image_size, cfg.seed)
+    n = len(images.classes)
+    x_val, y_val = flat("val")
+    probs = torch.from_numpy(predict_proba(pipeline, x_val, n))
+    final = {"train_time_s": fit_time, "epochs_trained": 1,
+             "train_acc": float((pipeline.predict(x_train) == y_train).mean())}  # fmt: skip
+    if (split == "test").any():
+        x_test, y_test = flat("test")
+        final["test_acc"] = float((pipeline.predict(x_test) == y_test).mean())
+    final = _log_evaluation(run_id, images.classes, torch.from_numpy(y_val), probs, final, 0)
+    # The per-epoch names too, so baseline and CNN runs sort side by side in the MLflow UI.
+    tracking.log_metrics(run_id, {k.removeprefix("best_"): v for k, v in final.items()
+                                  if k.startswith("best_val_")}, step=0)  # fmt: skip
+    result: dict[str, Any] = {"metrics": final}
+    if cfg.tracking.log_model:
+        import mlflow.sklearn
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(x_val[:2], pipeline.predict(x_val[:2]))
+        info = mlflow.sklearn.log_model(pipeline, name="model", signature=signature,
+                                        metadata={"classes": images.classes,
+                                                  "image_size": cfg.data.image_size})  # fmt: skip
+        result["model_uri"] = info.model_uri
+    return result
 
 
 def _predict(model: Classifier, subset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and class probabilities of a whole subset."""
     with torch.inference_mode():
         logits = [model(subset.x[i : i + 256]) for i in range(0, len(subset), 256)]
-    return subset.y, torch.cat(logits)
+    return subset.y, torch.cat(logits).softmax(1)
 
 
 def _best_epoch(history: list[dict[str, float]], monitor: str, mode: str) -> int:
@@ -306,20 +375,3 @@ def _best_epoch(history: list[dict[str, float]], monitor: str, mode: str) -> int
     if not scored:
         return -1
     return int((max if mode == "max" else min)(scored, key=lambda s: s[0])[1])
-
-
-def _log_model(model: Classifier, image_size: int) -> None:
-    """The network as an MLflow PyTorch model: uint8 images (N, 3, S, S) in, class logits out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, image_size, image_size))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(model.classes)))]),
-    )
-    # Quiet mlflow's generic pickle warning: the model is our own class, loaded by our own code.
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    mlflow.pytorch.log_model(
-        model.net.eval(), name="model", signature=signature, serialization_format="pickle",
-        metadata={"classes": model.classes, "image_size": image_size},
-    )  # fmt: skip

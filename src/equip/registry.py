@@ -1,0 +1,103 @@
+"""Gated registration: a model enters the registry only if it beats the classical baseline.
+
+The same MLflow registry calls work against a local database store and an Azure ML workspace;
+where a registry has no aliases (Azure ML), the champion is marked with a version tag instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str):
+    """The best FINISHED baseline run on the same data fingerprint and the same split."""
+    d = cfg.data
+    same_split = (f"params.`data.split_seed` = '{d.split_seed}' and "
+                  f"params.`data.val_fraction` = '{d.val_fraction}' and "
+                  f"params.`data.test_fraction` = '{d.test_fraction}'")  # fmt: skip
+    runs = client.search_runs(
+        [experiment_id],
+        f"params.`model.name` = 'baseline' and tags.`equip.data_fingerprint` = '{fingerprint}' "
+        f"and {same_split} and attributes.status = 'FINISHED'",
+        order_by=[f"metrics.`{cfg.registry.metric}` DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def register_if_better(
+    run_id: str, model_uri: str, cfg: DictConfig, fingerprint: str, score: float
+) -> dict[str, Any]:
+    """Register the run's model when it beats the baseline; record the decision on the run."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    reg = cfg.registry
+    experiment_id = client.get_run(run_id).info.experiment_id
+    baseline = best_baseline(client, experiment_id, cfg, fingerprint)
+    decision: dict[str, Any] = {"registered": False, "score": score}
+    if baseline is None:
+        decision["reason"] = (
+            f"no baseline run on data fingerprint {fingerprint} with this split; run "
+            "`python train.py model=baseline` with the same data settings first, or set "
+            "registry.require_baseline=false"
+        )
+        if reg.require_baseline:
+            return _record(client, run_id, decision)
+        base_score = float("-inf")
+    else:
+        base_score = baseline.data.metrics.get(reg.metric, float("-inf"))
+        decision.update(baseline_run_id=baseline.info.run_id, baseline_score=base_score)
+        if not score > base_score:
+            decision["reason"] = (f"{reg.metric} {score:.4f} does not beat the baseline's "
+                                  f"{base_score:.4f} (run {baseline.info.run_id})")  # fmt: skip
+            return _record(client, run_id, decision)
+    tags = {"equip.run_id": run_id, f"equip.{reg.metric}": f"{score:.6f}",
+            "equip.data_fingerprint": fingerprint}  # fmt: skip
+    if baseline is not None:
+        tags |= {"equip.baseline_run_id": baseline.info.run_id,
+                 f"equip.baseline_{reg.metric}": f"{base_score:.6f}",
+                 "equip.margin": f"{score - base_score:.6f}"}  # fmt: skip
+    import mlflow
+
+    version = mlflow.register_model(model_uri, reg.name, tags=tags).version
+    decision.update(registered=True, version=str(version), reason="beats the baseline"
+                    if baseline is not None else "registered without a baseline")  # fmt: skip
+    champion = _champion_score(client, reg)
+    if champion is None or score > champion:
+        try:
+            client.set_registered_model_alias(reg.name, reg.alias, version)
+        except MlflowException:  # registries without aliases (Azure ML): mark the version
+            client.set_model_version_tag(reg.name, version, reg.alias, "true")
+        decision["champion"] = True
+    else:
+        decision["champion"] = False
+        decision["reason"] += f"; the current {reg.alias} scores {champion:.4f}, alias unchanged"
+    return _record(client, run_id, decision)
+
+
+def _champion_score(client, reg: DictConfig) -> float | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(reg.name, reg.alias)
+    except MlflowException:
+        return None
+    value = mv.tags.get(f"equip.{reg.metric}")
+    return float(value) if value is not None else None
+
+
+def _record(client, run_id: str, decision: dict[str, Any]) -> dict[str, Any]:
+    client.set_tag(run_id, "equip.registry.decision",
+                   "registered" if decision["registered"] else "not registered")  # fmt: skip
+    client.set_tag(run_id, "equip.registry.reason", decision["reason"][:5000])
+    if decision.get("version"):
+        client.set_tag(run_id, "equip.registry.version", decision["version"])
+    log.info("registry: %s", decision["reason"])
+    return decision
