@@ -38,11 +38,21 @@ def run_training(cfg: DictConfig) -> float:
         console.print(f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run "
                       f"{result['run_id']}", highlight=False)  # fmt: skip
     else:
+        where = (
+            f" (epoch {m['best_epoch']:.0f} of {m['epochs_trained']:.0f})"
+            if "best_epoch" in m
+            else ""
+        )
         console.print(
-            f"[bold green]done[/] {result['run_name']}: best val_acc {m['best_val_acc']:.3f} "
-            f"(epoch {m['best_epoch']:.0f}), {m['epochs_trained']:.0f} epochs in "
-            f"{m['train_time_s']:.0f} s",
+            f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{where}, "
+            f"macro-F1 {m['best_val_macro_f1']:.3f}, trained in {m['train_time_s']:.0f} s",
             highlight=False,
         )
+        if "registry" in result:
+            r = result["registry"]
+            verdict = (
+                f"registered as version {r['version']}" if r["registered"] else "not registered"
+            )
+            console.print(f"registry: {verdict}: {r['reason']}", highlight=False)
         console.print(f"MLflow: {result['location']}", highlight=False, soft_wrap=True)
     return float(m.get(f"best_{cfg.trainer.monitor}", math.nan))

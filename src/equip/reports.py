@@ -68,3 +68,10 @@ def learning_curves_figure(history: list[dict[str, float]]):
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
+
+
+def close(fig) -> None:
+    """pyplot keeps every figure alive until closed: a long sweep would pile them up."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

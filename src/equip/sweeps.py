@@ -302,7 +302,6 @@ def _header(column: str) -> str:
 
 def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
     """Log the leaderboard (CSV, Markdown, HTML), best-child tags and counts on the parent."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -335,8 +334,11 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
             parent_id, {k: best[k] for k in METRICS if best[k] is not None}, step=0
         )
         if keys and len(rows) > 1:
-            with mlflow.start_run(run_id=parent_id, nested=True):
-                mlflow.log_figure(_parallel_plot(rows, keys, parent), "sweep/parallel.png")
+            fig = _parallel_plot(rows, keys, parent)
+            client.log_figure(parent_id, fig, "sweep/parallel.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
     return {"parent": parent, "rows": rows, "keys": keys, "counts": counts}
 
 

@@ -33,6 +33,8 @@ def resolve_uri(tracking: DictConfig) -> str:
     """MLFLOW_TRACKING_URI wins (Azure ML jobs inject it); a relative sqlite path is made absolute
     against the launch directory so every job of a sweep writes to the same store."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
+    if not uri and tracking.get("kind") == "azureml":
+        uri = azureml_uri(tracking)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
@@ -43,7 +45,9 @@ def connect(tracking: DictConfig) -> str:
     import mlflow
 
     uri = resolve_uri(tracking)
-    if uri.startswith(("http://", "https://")):
+    if uri.startswith("azureml:"):
+        _require_azure_extra()
+    elif uri.startswith(("http://", "https://")):
         # MLflow's own client retries for minutes on a dead server; keep the retries short.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -68,6 +72,74 @@ def connect(tracking: DictConfig) -> str:
             raise EquipError(f"tracking.uri={uri}: folder {db.parent} is not writable.")
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _require_azure_extra() -> None:
+    try:
+        import azureml.mlflow  # noqa: F401  # registers the azureml:// store with MLflow
+    except ImportError:
+        raise EquipError(
+            'logging to Azure ML needs the Azure extra: pip install -e ".[azure]"'
+        ) from None
+
+
+def _workspace(tracking: DictConfig) -> tuple[str, str, str]:
+    if tracking.config_path:
+        import json
+
+        path = Path(tracking.config_path).expanduser()
+        try:
+            ws = json.loads(path.read_text())
+            return ws["subscription_id"], ws["resource_group"], ws["workspace_name"]
+        except (OSError, ValueError, KeyError) as e:
+            raise EquipError(
+                f"tracking.config_path={path}: not a workspace config.json ({e}). Download it "
+                "from the workspace page in the Azure portal."
+            ) from None
+    keys = ("subscription_id", "resource_group", "workspace_name")
+    missing = [k for k in keys if not tracking.get(k)]
+    if missing:
+        raise EquipError(
+            f"tracking=azureml needs tracking.config_path=PATH/config.json, or all of "
+            f"tracking.{', tracking.'.join(keys)} (missing: {', '.join(missing)})."
+        )
+    return tracking.subscription_id, tracking.resource_group, tracking.workspace_name
+
+
+def azureml_uri(tracking: DictConfig) -> str:
+    """The workspace's MLflow tracking URI, read from Azure Resource Manager.
+
+    One GET with an azure-identity token: the azure-ai-ml SDK would answer the same question but
+    pulls in a large dependency tree for it. The token is used in memory only, never logged."""
+    import json
+
+    _require_azure_extra()
+    sub, group, name = _workspace(tracking)
+    from azure.identity import DefaultAzureCredential
+
+    try:
+        token = DefaultAzureCredential(exclude_interactive_browser_credential=True).get_token(
+            "https://management.azure.com/.default"
+        )
+    except Exception as e:  # azure-identity raises several types; its text names no secret
+        raise EquipError(
+            "no usable Azure credentials: sign in with `az login`, or set AZURE_CLIENT_ID, "
+            "AZURE_TENANT_ID and AZURE_CLIENT_SECRET for a service principal (inside an Azure "
+            f"ML job MLFLOW_TRACKING_URI is set for you). Azure said: {str(e).splitlines()[0]}"
+        ) from None
+    url = (
+        f"https://management.azure.com/subscriptions/{sub}/resourceGroups/{group}/providers/"
+        f"Microsoft.MachineLearningServices/workspaces/{name}?api-version=2024-04-01"
+    )
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.load(answer)["properties"]["mlFlowTrackingUri"]
+    except (OSError, ValueError, KeyError) as e:
+        raise EquipError(
+            f"could not read the MLflow URI of workspace {name} (resource group {group}, "
+            f"subscription {sub}): {e}. Check the names and your access to the workspace."
+        ) from None
 
 
 def experiment_id(name: str, artifact_root: str | None) -> str:
@@ -149,13 +221,18 @@ def _short(value: str) -> str:
 def run_name(cfg: DictConfig, overrides: Iterable[str] = ()) -> str:
     """Name a run by what distinguishes it: filters and lr always, then each command-line
     override, e.g. 'filters=32-64 lr=0.001 batch_norm=true'."""
-    parts = {"filters": _short(str(list(cfg.model.filters))), "lr": f"{cfg.model.lr:g}"}
-    if cfg.model.get("name") not in (None, "cnn"):
-        parts = {"model": str(cfg.model.name)}
+    if cfg.model.name == "baseline":
+        parts = {"baseline": str(cfg.model.estimator)}
+    else:
+        parts = {"filters": _short(str(list(cfg.model.filters))), "lr": f"{cfg.model.lr:g}"}
     for o in redact_overrides(overrides):
         key, _, value = o.partition("=")
         key = key.lstrip("+~")
-        if not value or key.startswith(NOT_IN_RUN_NAME) or key == "model.filters":
+        if (
+            not value
+            or key.startswith(NOT_IN_RUN_NAME)
+            or key in ("model", "model.filters", "model.estimator")
+        ):
             continue
         if key == "data.root":
             value = Path(value).name

@@ -260,6 +260,7 @@ def _log_evaluation(
     mlflow.log_text(reports.table_csv(table), "eval/per_class_metrics.csv")
     fig, matrix = reports.confusion_figure(classes, y_true, y_pred)
     mlflow.log_figure(fig, "eval/confusion_matrix.png")
+    reports.close(fig)
     rows = [",".join(["true\\pred", *classes])]
     rows += [",".join([c, *map(str, r)]) for c, r in zip(classes, matrix.tolist(), strict=True)]
     mlflow.log_text("\n".join(rows) + "\n", "eval/confusion_matrix.csv")
@@ -316,8 +317,9 @@ def _fit_cnn(
         final["test_acc"] = float((t_true == t_probs.argmax(1)).float().mean())
     final = _log_evaluation(run_id, images.classes, y_true, probs, final, len(epochs.history))
     if epochs.history:
-        mlflow.log_figure(reports.learning_curves_figure(epochs.history),
-                          "eval/learning_curves.png")  # fmt: skip
+        fig = reports.learning_curves_figure(epochs.history)
+        mlflow.log_figure(fig, "eval/learning_curves.png")
+        reports.close(fig)
     mlflow.log_artifact(best, "checkpoints")
     result: dict[str, Any] = {"metrics": final, "history": epochs.history}
     if cfg.tracking.log_model:
@@ -357,10 +359,16 @@ def _fit_baseline(
 
         signature = infer_signature(x_val[:2], pipeline.predict(x_val[:2]))
         info = mlflow.sklearn.log_model(pipeline, name="model", signature=signature,
+                                        skops_trusted_types=TRUSTED_SKLEARN_TYPES,
                                         metadata={"classes": images.classes,
                                                   "image_size": cfg.data.image_size})  # fmt: skip
         result["model_uri"] = info.model_uri
     return result
+
+
+# Types skops would refuse to load back: our feature function, and the random forest's trees.
+# Both come from this very process, so the saved model is trusted.
+TRUSTED_SKLEARN_TYPES = ["equip.baseline.image_features", "sklearn.tree._tree.Tree"]
 
 
 def _predict(model: Classifier, subset) -> tuple[torch.Tensor, torch.Tensor]:

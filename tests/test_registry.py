@@ -1,0 +1,176 @@
+"""Baseline runs, the registration gate, the champion alias, and using the registered model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from equip.synthetic import CLASSES
+from equip.training import train
+from tests.conftest import GEAR, free_port, make_cfg
+from tests.test_train import write_pngs
+
+# Data on which a CNN learns something in seconds; the same for every run of this module.
+DATA = ["data.per_class=20", "data.image_size=40", "data.val_fraction=0.25"]
+WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
+                 "model.features=[color_hist]"]  # fmt: skip
+STRONG_BASELINE = ["model=baseline", "model.features=[hog,color_hist,pixels]"]
+GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
+            "trainer.max_epochs=8", "model.lr=0.003"]  # fmt: skip
+BAD_CNN = ["model.lr=0.0000001", "trainer.max_epochs=1"]
+REGISTER = ["register=true", "registry.name=gear"]
+
+
+def run(*overrides: str) -> dict:
+    return train(make_cfg(*DATA, *overrides), list(overrides))
+
+
+def test_baseline_is_logged_like_a_cnn_run(store: str):
+    result = run(*STRONG_BASELINE)
+    client = MlflowClient(store)
+    r = client.get_run(result["run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.info.run_name == "baseline=logreg features=hog-color_hist-pixels"
+    for name in ("best_val_acc", "best_val_macro_f1", "best_val_loss", "val_acc", "val_macro_f1"):
+        assert 0 <= r.data.metrics[name] <= 10, name
+    assert r.data.metrics["best_val_acc"] > 0.3  # HOG + colour on drawn shapes: far above 1/12
+    assert r.data.tags["equip.data_fingerprint"] == r.data.params["dataset.fingerprint"]
+    arts = {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
+    assert {"eval/per_class_metrics.csv", "eval/confusion_matrix.png"} <= arts
+    [model] = client.search_logged_models([r.info.experiment_id])
+    assert model.source_run_id == r.info.run_id
+
+
+def decision(store: str, run_id: str) -> dict[str, str]:
+    tags = MlflowClient(store).get_run(run_id).data.tags
+    return {k.removeprefix("equip.registry."): v for k, v in tags.items() if "registry" in k}
+
+
+def test_registration_needs_a_baseline_run_on_the_same_data(store: str):
+    result = run(*BAD_CNN, *REGISTER)
+    d = decision(store, result["run_id"])
+    assert (
+        d["decision"] == "not registered" and "no baseline run on data fingerprint" in d["reason"]
+    )
+    assert MlflowClient(store).search_registered_models() == []
+
+
+def test_a_cnn_that_loses_to_the_baseline_is_not_registered(store: str):
+    run(*STRONG_BASELINE)
+    result = run(*BAD_CNN, *REGISTER)
+    d = decision(store, result["run_id"])
+    assert d["decision"] == "not registered" and "does not beat the baseline" in d["reason"]
+    assert MlflowClient(store).search_registered_models() == []
+
+
+def test_a_cnn_that_beats_the_baseline_is_registered_as_champion(store: str):
+    base = run(*WEAK_BASELINE)
+    result = run(*GOOD_CNN, *REGISTER)
+    assert result["metrics"]["best_val_acc"] > base["metrics"]["best_val_acc"]
+    d = decision(store, result["run_id"])
+    assert d["decision"] == "registered" and d["version"] == "1"
+    client = MlflowClient(store)
+    mv = client.get_model_version_by_alias("gear", "champion")
+    assert str(mv.version) == "1" and mv.tags["equip.baseline_run_id"] == base["run_id"]
+    assert float(mv.tags["equip.margin"]) > 0
+
+
+def test_champion_alias_moves_only_to_a_better_model(store: str):
+    no_gate = [*REGISTER, "registry.require_baseline=false"]
+    weak = run(*BAD_CNN, *no_gate)
+    strong = run(*GOOD_CNN, *no_gate)
+    weak_again = run(*BAD_CNN, "seed=1", *no_gate)
+    assert weak["registry"]["champion"] and strong["registry"]["champion"]
+    assert weak_again["registry"]["registered"] and not weak_again["registry"]["champion"]
+    client = MlflowClient(store)
+    assert str(client.get_model_version_by_alias("gear", "champion").version) == "2"
+    assert len(client.search_model_versions("name='gear'")) == 3
+
+
+def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
+    result = run(*GOOD_CNN)
+    from PIL import Image
+
+    from equip.synthetic import make_synthetic
+
+    images, labels = make_synthetic(2, 64, seed=9)
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "photos" / CLASSES[y]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im.transpose(1, 2, 0)).save(tmp_path / "photos" / CLASSES[y] / f"{i}.png")
+    proc = subprocess.run(
+        [sys.executable, "-m", "equip.predict", f"model={result['run_id']}",
+         f"images={tmp_path / 'photos'}", "output=out.csv"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy: " in proc.stdout and "(24 image(s)" not in proc.stderr
+    lines = Path("out.csv").read_text().splitlines()
+    assert lines[0].startswith("file,true_class,class,probability,p_axes") and len(lines) == 25
+
+    bad = subprocess.run([sys.executable, "-m", "equip.predict", "model=nope.ckpt", "images=."],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "model=nope.ckpt: no such checkpoint" in bad.stderr
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
+    run(*GOOD_CNN, *REGISTER, "registry.require_baseline=false")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gear@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        [png] = write_pngs(tmp_path / "post", 1)
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[base64.b64encode(png.read_bytes()).decode()]],
+            }
+        }
+        deadline = time.time() + 120
+        while True:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                answer = json.load(urllib.request.urlopen(req, timeout=30))
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.time() < deadline, "server did not answer"
+                time.sleep(0.5)
+        [pred] = answer["predictions"]
+        assert pred["class"] in CLASSES
+        assert 0 < pred["probability"] <= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GEAR.is_dir(), reason="../shared/data/gear_images is not on this machine")
+def test_real_photos_baseline_and_cnn_are_both_logged(store: str):
+    data = ["data=folder", f"data.root={GEAR}", "data.image_size=32", "data.cache_dir=cache"]
+    base = train(make_cfg(*data, "model=baseline", tiny=False), [])
+    cnn = train(make_cfg(*data, "trainer.max_epochs=2", "trainer.progress_bar=false",
+                         "tracking.log_model=false", tiny=False), [])  # fmt: skip
+    client = MlflowClient(store)
+    for r in (base, cnn):
+        run_ = client.get_run(r["run_id"])
+        assert run_.info.status == "FINISHED"
+        assert run_.data.params["dataset.images"] == "1586"
+        assert run_.data.metrics["best_val_acc"] > 1 / 12
+    assert base["metrics"]["best_val_acc"] > 0.6  # the baseline is no strawman on real photos
