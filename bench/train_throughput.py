@@ -87,9 +87,11 @@ def main() -> None:
         trainer.fit(module, dm)
         return time.perf_counter() - t0
 
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)  # no per-fit banners
     module = Classifier(model_cfg, data.classes, args.image_size)
     net, opt = new_raw()
     equip_epoch(module), raw_epoch(net, x, y, args.batch_size, opt)  # warm-up both

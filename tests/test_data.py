@@ -174,3 +174,18 @@ def test_real_gear_photos_load_with_white_backgrounds(tmp_path: Path):
     assert pngs and images.labels[pngs[0]] == gloves
     corners = images.images[pngs][:, :, 0, 0].float()
     assert corners.mean() > 200  # composited onto white, not the black hidden under the alpha
+
+
+def test_group_pattern_keeps_colourways_of_a_product_together():
+    from dataclasses import replace
+
+    images = load_images(make_cfg("data.per_class=10").data)
+    # Name pairs of images as one product in two colourways: 100x1.jpg, 100x2.jpg, ...
+    paths = [f"/d/{images.classes[y]}/{100 + i // 2}x{i % 2}.jpg"
+             for i, y in enumerate(images.labels.tolist())]  # fmt: skip
+    named = replace(images, paths=paths)
+    s = split_images(named, 0.2, 0.0, seed=0, group_pattern=r"^(\d+)x")
+    assert all(s[i] == s[i + 1] for i in range(0, len(s), 2))
+    assert (split_images(named, 0.2, 0.0, seed=0) != s).any()  # without it: split by content
+    with pytest.raises(EquipError, match="data.group_pattern='\\(' is not a valid regex"):
+        split_images(named, 0.2, 0.0, seed=0, group_pattern="(")

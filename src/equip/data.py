@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -246,13 +247,41 @@ def _tree_signature(root: Path) -> tuple:
 
 
 # ---------------------------------------------------------------- split
+def split_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
+    """A group id per image: byte-identical files share one, and so do files of a class whose
+    names give the same `group_pattern` match (e.g. one product in several colourways)."""
+    parent = list(range(len(images.sha256)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    pattern = re.compile(group_pattern) if group_pattern else None
+    for i, (sha, path, label) in enumerate(
+        zip(images.sha256, images.paths, images.labels.tolist(), strict=True)
+    ):
+        keys = [sha]
+        if pattern and (m := pattern.search(Path(path).name)):
+            keys.append(f"{label}/{m.group(m.lastindex or 0)}")
+        for key in keys:
+            parent[find(i)] = find(first.setdefault(key, i))
+    return [images.sha256[find(i)] for i in range(len(parent))]
+
+
 def split_images(
-    images: ImageSet, val_fraction: float, test_fraction: float, seed: int
+    images: ImageSet,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_pattern: str | None = None,
 ) -> np.ndarray:
     """Stratified, seeded split -> array of 'train' | 'val' | 'test' per image.
 
-    Byte-identical files form one group and always land on the same side, so a duplicate can
-    never leak a training image into validation.
+    Whole groups (see split_groups) land on one side, so a duplicate or near-duplicate can never
+    leak a training image into validation.
     """
     if not 0 < val_fraction < 1:
         raise EquipError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
@@ -261,10 +290,16 @@ def split_images(
             f"data.test_fraction={test_fraction} must be >= 0 and leave training images "
             f"(val_fraction + test_fraction < 1, now {val_fraction + test_fraction})."
         )
+    try:
+        group_of = split_groups(images, group_pattern)
+    except re.error as e:
+        raise EquipError(
+            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
+        ) from None
     labels = images.labels.numpy()
     side: dict[str, str] = {}
     for c, name in enumerate(images.classes):
-        groups = sorted({images.sha256[i] for i in np.flatnonzero(labels == c)} - side.keys())
+        groups = sorted({group_of[i] for i in np.flatnonzero(labels == c)} - side.keys())
         rng = np.random.default_rng([seed, c])
         rng.shuffle(groups)
         n_val = round(len(groups) * val_fraction)
@@ -285,9 +320,9 @@ def split_images(
                 f"class {name!r} has {len(groups)} distinct image(s): none left for training "
                 f"with val_fraction={val_fraction}, test_fraction={test_fraction}. Add images."
             )
-        for i, sha in enumerate(groups):
-            side[sha] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-    return np.array([side[s] for s in images.sha256])
+        for i, g in enumerate(groups):
+            side[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return np.array([side[g] for g in group_of])
 
 
 def split_manifest(images: ImageSet, split: np.ndarray) -> str:

@@ -17,9 +17,11 @@ log = logging.getLogger(__name__)
 def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str):
     """The best FINISHED baseline run on the same data fingerprint and the same split."""
     d = cfg.data
+    pattern = "null" if d.group_pattern is None else str(d.group_pattern).replace("'", "\\'")
     same_split = (f"params.`data.split_seed` = '{d.split_seed}' and "
                   f"params.`data.val_fraction` = '{d.val_fraction}' and "
-                  f"params.`data.test_fraction` = '{d.test_fraction}'")  # fmt: skip
+                  f"params.`data.test_fraction` = '{d.test_fraction}' and "
+                  f"params.`data.group_pattern` = '{pattern}'")  # fmt: skip
     runs = client.search_runs(
         [experiment_id],
         f"params.`model.name` = 'baseline' and tags.`equip.data_fingerprint` = '{fingerprint}' "

@@ -211,7 +211,7 @@ def redact_overrides(overrides: Iterable[str]) -> list[str]:
 
 
 # Overrides that change where or how verbosely a run is recorded, not what it trains.
-NOT_IN_RUN_NAME = ("hydra.", "tracking", "trainer.progress_bar", "sweep")
+NOT_IN_RUN_NAME = ("hydra.", "tracking", "trainer.progress_bar", "sweep", "register")
 
 
 def _short(value: str) -> str:

@@ -155,7 +155,8 @@ def train(
     check_config(cfg)
     uri = tracking.connect(cfg.tracking)
     images = load_images(cfg.data)
-    split = split_images(images, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    d = cfg.data
+    split = split_images(images, d.val_fraction, d.test_fraction, d.split_seed, d.group_pattern)
     exp_id = tracking.experiment_id(cfg.tracking.experiment, cfg.tracking.artifact_root)
     parent_id = sweeps.parent_run_id()
     name = tracking.run_name(cfg, sweeps.job_name_overrides(overrides) if parent_id else overrides)
