@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -18,6 +19,15 @@ TINY = [
     "trainer.max_epochs=2",
     "trainer.progress_bar=false",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which would steer later tests and
+    their subprocesses to an earlier test's store."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture
