@@ -154,7 +154,8 @@ def test_joblib_with_two_workers_loses_nothing_over_http(tmp_path: Path, mlflow_
 
 def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
     proc = sweep(
-        "model.lr=0.001,0.00000001", "data.per_class=24", "trainer.max_epochs=4", "trainer.monitor=val_loss",
+        "model.lr=0.001,0.00000001", "data.per_class=24", "trainer.max_epochs=4",
+        "trainer.monitor=val_loss",
         "trainer.monitor_mode=min", "sweep.median_stop.enabled=true",
         "sweep.median_stop.after_epochs=2", "sweep.median_stop.min_finished=1",
         cwd=tmp_path,
