@@ -5,6 +5,7 @@ CLI credential, which is absent here, so no token request or metadata probe is e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from equip.tracking import azureml_uri
 from equip.training import train
 from tests.conftest import make_cfg
 
-pytest.importorskip("azureml.mlflow", reason='needs pip install -e ".[azure]"')
+needs_azure = pytest.mark.skipif(
+    importlib.util.find_spec("azureml") is None, reason='needs pip install -e ".[azure]"'
+)
 SECRET = "s3cr3t-Value-that-must-not-leak"
 
 
@@ -25,18 +28,21 @@ def azure_cfg(*overrides: str):
     return make_cfg("tracking=azureml", *overrides).tracking
 
 
+@needs_azure
 def test_missing_workspace_settings_name_the_keys():
     with pytest.raises(EquipError, match=r"tracking.config_path=PATH/config.json(.|\n)*missing: "
                        r"subscription_id, resource_group, workspace_name"):  # fmt: skip
         azureml_uri(azure_cfg())
 
 
+@needs_azure
 def test_a_bad_config_json_is_named(tmp_path: Path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(EquipError, match="config.json: not a workspace config.json"):
         azureml_uri(azure_cfg(f"tracking.config_path={tmp_path}/config.json"))
 
 
+@needs_azure
 def test_no_credentials_give_one_clear_message(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000000")
     monkeypatch.setenv("AZURE_TENANT_ID", "00000000-0000-0000-0000-000000000000")
@@ -54,7 +60,8 @@ def test_no_credentials_give_one_clear_message(tmp_path: Path, monkeypatch):
 def test_secrets_never_reach_params_tags_or_artifacts(store: str, monkeypatch):
     monkeypatch.setenv("AZURE_CLIENT_SECRET", SECRET)
     overrides = [f"+tracking.client_secret={SECRET}", f"+tracking.sas_token={SECRET}",
-                 f"+data.api_key={SECRET}"]  # fmt: skip
+                 f"+data.api_key={SECRET}", f"+data.auth={{api_key:{SECRET}}}",
+                 f"+data.mirror=https://user:{SECRET}@example.invalid/x"]  # fmt: skip
     result = train(make_cfg(*overrides, "trainer.max_epochs=1"), overrides)
     client = MlflowClient(store)
     run = client.get_run(result["run_id"])

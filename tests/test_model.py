@@ -74,3 +74,11 @@ def test_checkpointable_module_rebuilds_from_its_hyperparameters(tmp_path):
     x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
     assert loaded.classes == ["a", "b", "c"]
     assert torch.equal(loaded.eval()(x), m.eval()(x))
+
+
+def test_monitor_mode_must_match_the_metric():
+    from equip.training import check_trainer
+
+    with pytest.raises(EquipError, match="set trainer.monitor_mode=min"):
+        check_trainer(make_cfg("trainer.monitor=val_loss").trainer)
+    check_trainer(make_cfg("trainer.monitor=val_loss", "trainer.monitor_mode=min").trainer)

@@ -112,7 +112,7 @@ def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "accuracy: " in proc.stdout and "(24 image(s)" not in proc.stderr
+    assert "accuracy: " in proc.stdout and "24 image(s)" in proc.stdout
     lines = Path("out.csv").read_text().splitlines()
     assert lines[0].startswith("file,true_class,class,probability,p_axes") and len(lines) == 25
 

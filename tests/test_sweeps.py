@@ -114,7 +114,7 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(tmp_path: Path):
     assert len(finished) == 4
     assert len({c.data.tags["equip.config_hash"] for c in finished}) == 4
     assert done_before <= {c.info.run_id for c in finished}  # the first ones were not retrained
-    assert rerun.stderr.count("skipped") >= len(done_before)
+    assert rerun.stderr.count("already FINISHED as run") == len(done_before)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["jobs_skipped"] == len(done_before)
     # the job cut off by the kill is not left RUNNING
@@ -170,3 +170,18 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
     assert epochs < 4  # stopped early, right after the epoch that was judged
     assert f"at epoch {int(epochs) - 1} is worse" in hopeless.data.tags["equip.pruned_reason"]
     assert parent.data.metrics["jobs_pruned"] == 1
+
+
+def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path):
+    proc = sweep("data.val_fraction=0.25,0.01,0.3", "sweep.continue_on_failure=false", cwd=tmp_path)
+    assert proc.returncode != 0
+    parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert [c.info.status for c in children] == ["FINISHED", "FAILED"]  # the third never ran
+    assert parent.info.status == "KILLED" and parent.data.metrics["jobs_failed"] == 1
+
+
+def test_baseline_grids_are_validated_and_run(tmp_path: Path):
+    proc = sweep("model=baseline", "model.estimator=logreg,random_forest", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]

@@ -14,7 +14,8 @@ console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppab
 
 
 def run_training(cfg: DictConfig) -> float:
-    """Train one job; return its monitored metric (what an Optuna sweeper maximises)."""
+    """Train one job; return its monitored metric, negated when lower is better, so that an
+    Optuna sweeper with direction=maximize always optimises the right way."""
     from equip import sweeps
     from equip.training import train
 
@@ -39,7 +40,7 @@ def run_training(cfg: DictConfig) -> float:
                       f"{result['run_id']}", highlight=False)  # fmt: skip
     else:
         where = (
-            f" (epoch {m['best_epoch']:.0f} of {m['epochs_trained']:.0f})"
+            f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
             if "best_epoch" in m
             else ""
         )
@@ -55,4 +56,5 @@ def run_training(cfg: DictConfig) -> float:
             )
             console.print(f"registry: {verdict}: {r['reason']}", highlight=False)
         console.print(f"MLflow: {result['location']}", highlight=False, soft_wrap=True)
-    return float(m.get(f"best_{cfg.trainer.monitor}", math.nan))
+    value = float(m.get(f"best_{cfg.trainer.monitor}", math.nan))
+    return -value if cfg.trainer.monitor_mode == "min" else value  # sweepers maximise it

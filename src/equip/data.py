@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -185,7 +186,10 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
 def load_synthetic(per_class: int, image_size: int, seed: int) -> ImageSet:
     from equip.synthetic import CLASSES, make_synthetic
 
-    images, labels = make_synthetic(per_class, image_size, seed)
+    drawn, labels = make_synthetic(per_class, image_size, seed)
+    # Through the same preprocessing as photos, so a model trained here is served consistently.
+    images = np.stack([preprocess(Image.fromarray(im.transpose(1, 2, 0)), image_size)
+                       for im in drawn])  # fmt: skip
     shas = [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
     fp = hashlib.sha256(f"synthetic {image_size}px\n".encode())
     for sha, label in zip(shas, labels, strict=True):
@@ -302,13 +306,13 @@ def split_images(
         groups = sorted({group_of[i] for i in np.flatnonzero(labels == c)} - side.keys())
         rng = np.random.default_rng([seed, c])
         rng.shuffle(groups)
-        n_val = round(len(groups) * val_fraction)
-        n_test = round(len(groups) * test_fraction)
+        n_val = math.floor(len(groups) * val_fraction + 0.5)  # round half up, not to even
+        n_test = math.floor(len(groups) * test_fraction + 0.5)
         if n_val < 1:
             raise EquipError(
                 f"data.val_fraction={val_fraction} leaves class {name!r} ({len(groups)} distinct "
                 f"images) with no validation image. Raise data.val_fraction to at least "
-                f"{0.5 / max(len(groups), 1):.2f} or add images to that class."
+                f"{math.ceil(50 / max(len(groups), 1)) / 100:.2f} or add images to that class."
             )
         if test_fraction > 0 and n_test < 1:
             raise EquipError(

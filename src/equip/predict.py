@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except EquipError as e:
         console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
         return 2
+    except ValueError as e:  # an undecodable image: name it (serving.classify numbers them)
+        index = re.search(r"image (\d+)", str(e))
+        where = f"{files[int(index.group(1))]}: " if index else ""
+        console.print(f"[bold red]equip: error:[/] {where}{e}; remove or replace that file.",
+                      highlight=False)  # fmt: skip
+        return 2
     out.insert(0, "file", [str(f) for f in files])
     classes = [c.removeprefix("p_") for c in out.columns if c.startswith("p_")]
     if root.is_dir() and all(f.parent.name in classes for f in files):

@@ -75,7 +75,9 @@ def register_if_better(
     if champion is None or score > champion:
         try:
             client.set_registered_model_alias(reg.name, reg.alias, version)
-        except MlflowException:  # registries without aliases (Azure ML): mark the version
+        except MlflowException:  # registries without aliases (Azure ML): move a version tag
+            for old in _tagged_champions(client, reg):
+                client.delete_model_version_tag(reg.name, old.version, reg.alias)
             client.set_model_version_tag(reg.name, version, reg.alias, "true")
         decision["champion"] = True
     else:
@@ -84,13 +86,22 @@ def register_if_better(
     return _record(client, run_id, decision)
 
 
+def _tagged_champions(client, reg: DictConfig) -> list:
+    versions = client.search_model_versions(f"name='{reg.name}'")
+    return [v for v in versions if v.tags.get(reg.alias) == "true"]
+
+
 def _champion_score(client, reg: DictConfig) -> float | None:
+    """Score of the current alias holder (or, without aliases, of the tagged version)."""
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client.get_model_version_by_alias(reg.name, reg.alias)
     except MlflowException:
-        return None
+        tagged = _tagged_champions(client, reg)
+        if not tagged:
+            return None
+        mv = tagged[0]
     value = mv.tags.get(f"equip.{reg.metric}")
     return float(value) if value is not None else None
 

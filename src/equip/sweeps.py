@@ -13,12 +13,14 @@ torch/lightning are never imported here: the report command starts in about a se
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import hashlib
 import io
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -38,6 +40,7 @@ console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppab
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
 SWEPT_ENV = "EQUIP_SWEPT_KEYS"  # jobs name their runs by the swept values only
 METRICS = ("best_val_acc", "best_val_macro_f1", "best_val_loss")
+SWEEP_FN = re.compile(r"^\s*(choice|range|interval|glob|tag)\(")  # Hydra's sweep functions
 
 
 def register_sweep_configs(folder: Path) -> None:
@@ -65,12 +68,13 @@ def sweep_key(config: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Identity of a job's training config: a resumed sweep skips jobs whose hash has FINISHED."""
+def config_hash(cfg: DictConfig, data_fingerprint: str) -> str:
+    """Identity of a job: its training config and its data (changed photos are a new job).
+    A resumed sweep skips jobs whose hash already FINISHED."""
     params = tracking.config_params(cfg)
     keep = sorted((k, v) for k, v in params.items() if not k.startswith(("tracking.", "sweep.",
                   "trainer.progress_bar")))  # fmt: skip
-    return hashlib.sha256(repr(keep).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr([data_fingerprint, keep]).encode()).hexdigest()[:16]
 
 
 def parent_run_id() -> str | None:
@@ -118,16 +122,14 @@ def invalid_points(config: DictConfig) -> list[tuple[list[str], str]]:
     """(overrides, reason) for every grid point that would fail its checks."""
     from hydra import compose
 
-    from equip.model import check_model
-    from equip.training import check_trainer
+    from equip.training import check_config
 
     bad = []
     name = config.hydra.job.config_name
     for point in sweep_points(config):
         try:
             cfg = compose(name, overrides=point)
-            check_model(cfg.model, cfg.data.image_size)
-            check_trainer(cfg.trainer)
+            check_config(cfg)
             if not 0 < cfg.data.val_fraction < 1:
                 raise EquipError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1).")
         except Exception as e:  # composition errors (bad key, bad value type) count too
@@ -203,18 +205,38 @@ class SweepTracker(Callback):
         )
         os.environ[PARENT_ENV] = self.parent_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(config))
+        # Hydra skips on_multirun_end when a sweep aborts (Ctrl-C, a job raising with
+        # continue_on_failure=false): end the parent anyway, with what its children have.
+        atexit.register(self._end_if_aborted)
+
+    def _end_if_aborted(self) -> None:
+        if self.parent_id is None:
+            return
+        from mlflow import MlflowClient
+
+        try:
+            summarize(self.parent_id, since=self.started)
+        except Exception as e:
+            log.warning("could not summarise the aborted sweep: %s", e)
+        client = MlflowClient()
+        client.set_tag(self.parent_id, "equip.error", "the sweep stopped before its last job")
+        client.set_terminated(self.parent_id, "KILLED")
+        self.parent_id = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_id is None:
             return
         from mlflow import MlflowClient
 
-        board = summarize(self.parent_id, since=self.started)
-        MlflowClient().set_terminated(self.parent_id, "FINISHED")
+        parent_id, self.parent_id = self.parent_id, None  # the atexit hook has nothing to do
+        try:
+            board = summarize(parent_id, since=self.started)
+        finally:
+            MlflowClient().set_terminated(parent_id, "FINISHED")
         print_board(board)
         uri = tracking.resolve_uri(config.tracking)
-        exp = MlflowClient().get_run(self.parent_id).info.experiment_id
-        console.print(f"sweep parent: {tracking.run_location(uri, exp, self.parent_id)}",
+        exp = MlflowClient().get_run(parent_id).info.experiment_id
+        console.print(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}",
                       highlight=False, soft_wrap=True)  # fmt: skip
         os.environ.pop(PARENT_ENV, None)
         os.environ.pop(SWEPT_ENV, None)
@@ -225,7 +247,7 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys = [str(k) for k in params]
     for o in config.hydra.overrides.task:
         key, _, value = o.partition("=")
-        if ("," in value and not value.startswith("[")) or "],[" in value or "(" in value:
+        if ("," in value and not value.startswith("[")) or "],[" in value or SWEEP_FN.match(value):
             keys.append(key.lstrip("+~"))
     return list(dict.fromkeys(keys))
 
@@ -464,7 +486,7 @@ def record_failed_job(cfg: DictConfig, error: BaseException) -> None:
             exp_id,
             run_name=tracking.run_name(cfg, hydra_overrides()),
             tags={"mlflow.parentRunId": parent_run_id() or "",
-                  "equip.config_hash": config_hash(cfg),
+                  "equip.config_hash": config_hash(cfg, "unknown"),
                   "equip.error": f"{type(error).__name__}: {error}"[:5000]},
         )  # fmt: skip
         client.log_text(run.info.run_id, f"{type(error).__name__}: {error}\n", "error.txt")

@@ -24,7 +24,15 @@ from equip.errors import EquipError
 log = logging.getLogger(__name__)
 
 # Keys whose values are never logged anywhere (params, tags, artifacts).
-SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|api_?key|access_?key|sas", re.I)
+SECRET_KEY = re.compile(
+    r"secret|passw|pwd|token|credential|api_?key|access_?key|account_?key|private_?key|"
+    r"connection_?string|auth|sas",
+    re.I,
+)
+URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URI
+# The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
+# environment (it does, for child processes): later runs in this process must not mistake it.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 REDACTED = "***"
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in mlflow 3
 
@@ -32,7 +40,7 @@ MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in mlflow
 def resolve_uri(tracking: DictConfig) -> str:
     """MLFLOW_TRACKING_URI wins (Azure ML jobs inject it); a relative sqlite path is made absolute
     against the launch directory so every job of a sweep writes to the same store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
+    uri = USER_TRACKING_URI or tracking.uri
     if not uri and tracking.get("kind") == "azureml":
         uri = azureml_uri(tracking)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -177,8 +185,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def redact_value(key: str, value: Any) -> Any:
+    """*** for secret-looking keys; credentials inside URIs are cut out of any value."""
+    if SECRET_KEY.search(key):
+        return REDACTED
+    return URI_CREDENTIALS.sub(f"{REDACTED}@", value) if isinstance(value, str) else value
+
+
 def redact(items: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: REDACTED if SECRET_KEY.search(k) else v for k, v in items.items()}
+    return {k: redact_value(k, v) for k, v in items.items()}
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
@@ -197,6 +212,8 @@ def redacted_yaml(cfg: DictConfig) -> str:
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
             return {k: REDACTED if SECRET_KEY.search(str(k)) else scrub(v) for k, v in node.items()}
+        if isinstance(node, str):
+            return URI_CREDENTIALS.sub(f"{REDACTED}@", node)
         return [scrub(v) for v in node] if isinstance(node, list) else node
 
     return OmegaConf.to_yaml(scrub(tree))
@@ -205,8 +222,12 @@ def redacted_yaml(cfg: DictConfig) -> str:
 def redact_overrides(overrides: Iterable[str]) -> list[str]:
     out = []
     for o in overrides:
-        key = o.split("=", 1)[0]
-        out.append(f"{key}={REDACTED}" if "=" in o and SECRET_KEY.search(key) else o)
+        key, eq, value = o.partition("=")
+        # A secret may hide in the value too: +data.auth={api_key:X}
+        if eq and (SECRET_KEY.search(key) or SECRET_KEY.search(value)):
+            out.append(f"{key}={REDACTED}")
+        else:
+            out.append(URI_CREDENTIALS.sub(f"{REDACTED}@", o))
     return out
 
 
@@ -258,6 +279,7 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
 
 def run_location(uri: str, experiment: str, run_id: str) -> str:
     """Where a person finds the run: a UI link for servers, the `mlflow ui` command otherwise."""
+    uri = URI_CREDENTIALS.sub(f"{REDACTED}@", uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return f"run {run_id} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"

@@ -117,9 +117,18 @@ def check_config(cfg: DictConfig) -> None:
         from equip.baseline import check_baseline
 
         check_baseline(cfg.model)
+        if cfg.register:
+            raise EquipError("register=true registers a CNN that beats the baseline; the "
+                             "baseline itself is the reference. Drop register=true.")  # fmt: skip
     else:
         check_model(cfg.model, cfg.data.image_size)
         check_trainer(cfg.trainer)
+    if cfg.register:
+        if not cfg.tracking.log_model:
+            raise EquipError("register=true needs the model logged: drop tracking.log_model=false.")
+        if cfg.registry.metric not in ("best_val_acc", "best_val_macro_f1"):
+            raise EquipError(f"registry.metric={cfg.registry.metric!r} must be best_val_acc or "
+                             "best_val_macro_f1 (higher is better).")  # fmt: skip
 
 
 def check_trainer(t: DictConfig) -> None:
@@ -132,6 +141,10 @@ def check_trainer(t: DictConfig) -> None:
         raise EquipError(
             f"trainer.monitor={t.monitor!r} is not one of: {', '.join(sorted(known))}."
         )
+    expected = "min" if t.monitor == "val_loss" else "max"
+    if t.monitor_mode != expected:
+        raise EquipError(f"trainer.monitor={t.monitor} is better when lower/higher: set "
+                         f"trainer.monitor_mode={expected}.")  # fmt: skip
 
 
 def hydra_overrides() -> list[str]:
@@ -160,7 +173,7 @@ def train(
     exp_id = tracking.experiment_id(cfg.tracking.experiment, cfg.tracking.artifact_root)
     parent_id = sweeps.parent_run_id()
     name = tracking.run_name(cfg, sweeps.job_name_overrides(overrides) if parent_id else overrides)
-    cfg_hash = sweeps.config_hash(cfg)
+    cfg_hash = sweeps.config_hash(cfg, images.fingerprint)
     if parent_id and cfg.sweep.resume:
         twin = sweeps.finished_twin(exp_id, parent_id, cfg_hash)
         if twin is not None:  # a resumed sweep: this exact config already finished
@@ -209,7 +222,8 @@ def train(
 
 def _record_failure(error: BaseException, checkpoint: ModelCheckpoint) -> None:
     """Mark the run FAILED (KILLED on Ctrl-C) with the reason; keep the best checkpoint so far."""
-    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    # Lightning turns Ctrl-C during fit() into SystemExit: both mean the user stopped it.
+    status = "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
     try:
         mlflow.set_tag("equip.error", f"{type(error).__name__}: {error}"[:5000])
         mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
