@@ -24,13 +24,13 @@ def run_training(cfg: DictConfig) -> float:
     try:
         result = train(cfg)
     except Exception as e:
+        if in_sweep and not getattr(e, "mlflow_run_id", None):
+            sweeps.record_failed_job(cfg, e)  # failed before its run existed: still a child
         if not (in_sweep and cfg.sweep.continue_on_failure):
             if isinstance(e, EquipError):
                 console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
                 raise SystemExit(2) from None
             raise
-        if not getattr(e, "mlflow_run_id", None):  # failed before its run existed: record it
-            sweeps.record_failed_job(cfg, e)
         console.print(f"[bold red]job failed[/] (the sweep goes on): {type(e).__name__}: {e}",
                       highlight=False)  # fmt: skip
         return math.nan
