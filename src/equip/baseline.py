@@ -78,9 +78,10 @@ def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int) -> Pipeline
                              SVC(C=m["C"], probability=True, random_state=seed))  # fmt: skip
     from sklearn.ensemble import RandomForestClassifier
 
-    from equip.runtime import cpu_count
+    from equip.runtime import cpu_count, parallel_jobs
 
-    estimator = RandomForestClassifier(m["n_estimators"], n_jobs=cpu_count(), random_state=seed)
+    n_jobs = max(1, cpu_count() // parallel_jobs())  # share the cores with parallel sweep jobs
+    estimator = RandomForestClassifier(m["n_estimators"], n_jobs=n_jobs, random_state=seed)
     return make_pipeline(featurize, estimator)
 
 
