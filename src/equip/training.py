@@ -184,9 +184,6 @@ def train(
             "equip.data_source": images.source, "equip.config_hash": cfg_hash,
             "equip.model_kind": str(cfg.model.name),
             **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
-    run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=parent_id)
-    run_id = run.info.run_id
-    log.info("MLflow run %s (%s)", name, run_id)
     ckpt_dir = tempfile.mkdtemp(prefix="equip-ckpt-")
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best",
@@ -195,7 +192,10 @@ def train(
     callbacks = list(callbacks)
     if parent_id and cfg.sweep.median_stop.enabled:
         callbacks.append(MedianStopping(exp_id, parent_id, cfg))
-    try:
+    run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=parent_id)
+    run_id = run.info.run_id
+    try:  # from here on, any failure ends the run as FAILED/KILLED with its reason
+        log.info("MLflow run %s (%s)", name, run_id)
         _log_inputs(cfg, overrides, images, split)
         if cfg.model.name == "baseline":
             result = _fit_baseline(cfg, images, split, run_id)
