@@ -185,3 +185,14 @@ def test_baseline_grids_are_validated_and_run(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+
+
+def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path):
+    proc = sweep("sweep=learning_rate", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
+                 cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert "Optuna" in parent.data.tags["equip.sweeper"]
+    assert parent.info.run_name.startswith("sweep learning_rate")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.tags["equip.swept_keys"] == "model.lr,model.weight_decay,data.batch_size"

@@ -306,6 +306,11 @@ def leaderboard(parent_id: str) -> tuple[Any, list[dict[str, Any]], list[str]]:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, str) and len(v) > 8:  # params are strings: shorten sampled floats
+        try:
+            v = float(v)
+        except ValueError:
+            return v
     if isinstance(v, float):
         if v.is_integer():
             return str(int(v))

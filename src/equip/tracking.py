@@ -236,7 +236,12 @@ NOT_IN_RUN_NAME = ("hydra.", "tracking", "trainer.progress_bar", "sweep", "regis
 
 
 def _short(value: str) -> str:
-    return value.strip("[]").replace(",", "-").replace(" ", "")
+    """'[32,64]' -> '32-64'; '0.0012520653814999472' -> '0.00125' (sampled values are long)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value.strip("[]").replace(",", "-").replace(" ", "")
+    return value if number.is_integer() else f"{number:.3g}"
 
 
 def run_name(cfg: DictConfig, overrides: Iterable[str] = ()) -> str:
@@ -245,7 +250,7 @@ def run_name(cfg: DictConfig, overrides: Iterable[str] = ()) -> str:
     if cfg.model.name == "baseline":
         parts = {"baseline": str(cfg.model.estimator)}
     else:
-        parts = {"filters": _short(str(list(cfg.model.filters))), "lr": f"{cfg.model.lr:g}"}
+        parts = {"filters": _short(str(list(cfg.model.filters))), "lr": f"{cfg.model.lr:.3g}"}
     for o in redact_overrides(overrides):
         key, _, value = o.partition("=")
         key = key.lstrip("+~")
