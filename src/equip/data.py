@@ -275,6 +275,16 @@ def split_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
     return [images.sha256[find(i)] for i in range(len(parent))]
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not 0 < val_fraction < 1:
+        raise EquipError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise EquipError(
+            f"data.test_fraction={test_fraction} must be >= 0 and leave training images "
+            f"(val_fraction + test_fraction < 1, now {val_fraction + test_fraction})."
+        )
+
+
 def split_images(
     images: ImageSet,
     val_fraction: float,
@@ -287,13 +297,7 @@ def split_images(
     Whole groups (see split_groups) land on one side, so a duplicate or near-duplicate can never
     leak a training image into validation.
     """
-    if not 0 < val_fraction < 1:
-        raise EquipError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
-    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise EquipError(
-            f"data.test_fraction={test_fraction} must be >= 0 and leave training images "
-            f"(val_fraction + test_fraction < 1, now {val_fraction + test_fraction})."
-        )
+    check_fractions(val_fraction, test_fraction)
     try:
         group_of = split_groups(images, group_pattern)
     except re.error as e:

@@ -74,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
         import mlflow
 
-        from equip.tracking import resolve_uri
+        from equip.tracking import default_uri
 
-        mlflow.set_tracking_uri(cfg.tracking_uri or resolve_uri(OmegaConf.create(
-            {"uri": "sqlite:///mlflow.db"})))  # fmt: skip
+        mlflow.set_tracking_uri(cfg.tracking_uri or default_uri())
         root = Path(cfg.images)
         files = find_images(root)
         predict = load_predictor(str(cfg.model))

@@ -48,6 +48,12 @@ def resolve_uri(tracking: DictConfig) -> str:
     return uri
 
 
+def default_uri() -> str:
+    """For commands without a config (report, predict): the environment's store, else the
+    default local one in this folder, as train.py would use."""
+    return resolve_uri(OmegaConf.create({"uri": "sqlite:///mlflow.db"}))
+
+
 def connect(tracking: DictConfig) -> str:
     """Point MLflow at the store and fail in seconds, with a fix, when it cannot be used."""
     import mlflow

@@ -25,7 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
 from equip import __version__, reports, sweeps, tracking
-from equip.data import ImageDataModule, ImageSet, load_images, split_images, split_manifest
+from equip.data import (
+    ImageDataModule,
+    ImageSet,
+    check_fractions,
+    load_images,
+    split_images,
+    split_manifest,
+)
 from equip.errors import EquipError
 from equip.model import Classifier, check_model, mflops_per_image
 from equip.runtime import apply_fast_path, parallel_jobs
@@ -113,6 +120,7 @@ class MedianStopping(pl.Callback):
 
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs no data, so that a bad config fails in seconds."""
+    check_fractions(cfg.data.val_fraction, cfg.data.test_fraction)
     if cfg.model.name == "baseline":
         from equip.baseline import check_baseline
 
