@@ -166,3 +166,14 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path):
     proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path)
     assert proc.returncode == 2
     assert "equip: error: data.root=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_job_does_not_depend_on_the_jobs_before_it(store: str):
+    cfg = make_cfg("tracking.log_model=false")
+    first = train(cfg, [])
+    train(make_cfg("tracking.log_model=false", "model.filters=[4]", "seed=3"), [])
+    again = train(cfg, [])
+    assert again["metrics"]["best_val_loss"] == first["metrics"]["best_val_loss"]
+    assert [h["train_loss"] for h in again["history"]] == [
+        h["train_loss"] for h in first["history"]
+    ]

@@ -298,12 +298,13 @@ def _fit_cnn(
     checkpoint: ModelCheckpoint,
     extra_callbacks: Sequence[pl.Callback],
 ) -> dict[str, Any]:
+    # Seed before the weights exist: a job's result must not depend on the jobs before it.
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = Classifier(OmegaConf.to_container(cfg.model), images.classes, cfg.data.image_size)
     mlflow.log_params({
         "arch.params": sum(p.numel() for p in module.parameters()),
         "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
     })  # fmt: skip
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     epochs = EpochMetrics(run_id)
     callbacks: list[pl.Callback] = [checkpoint, epochs, *extra_callbacks]
     if cfg.trainer.patience > 0:
