@@ -87,10 +87,15 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV)
 
 
+def swept_overrides(overrides: Iterable[str], keys: Iterable[str]) -> list[str]:
+    """The overrides that set one of the swept `keys`."""
+    wanted = set(keys)
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in wanted]
+
+
 def job_name_overrides(overrides: list[str]) -> list[str]:
     """In a sweep, only the swept values tell its jobs apart: name runs by those."""
-    keys = set(filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    return swept_overrides(overrides, filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
 
 
 def finished_twin(experiment_id: str, parent_id: str, cfg_hash: str):
@@ -163,6 +168,8 @@ class SweepTracker(Callback):
         exp_id = tracking.experiment_id(config.tracking.experiment, config.tracking.artifact_root)
         client = MlflowClient()
         key = sweep_key(config)
+        keys = swept_keys(config)
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         self.started = time.time()
         previous = client.search_runs(
             [exp_id], f"tags.`equip.sweep_key` = '{key}'", order_by=["attributes.start_time DESC"]
@@ -184,12 +191,12 @@ class SweepTracker(Callback):
             overrides = tracking.redact_overrides(_key_overrides(config.hydra.overrides.task))
             run = client.create_run(
                 exp_id,
-                run_name=sweep_name(config),
+                run_name=sweep_name(config, keys),
                 tags={
                     "equip.sweep_key": key,
-                    "equip.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+                    "equip.sweep_dir": sweep_dir,
                     "equip.sweep_overrides": " ".join(overrides)[:5000],
-                    "equip.swept_keys": ",".join(swept_keys(config)),
+                    "equip.swept_keys": ",".join(keys),
                     "equip.sweeper": sweeper,
                     "equip.launcher": str(config.hydra.launcher._target_),
                     "equip.monitor": str(config.trainer.monitor),
@@ -198,11 +205,9 @@ class SweepTracker(Callback):
                 },
             )
             self.parent_id = run.info.run_id
-        client.set_tag(
-            self.parent_id, "equip.last_sweep_dir", str(Path(config.hydra.sweep.dir).resolve())
-        )
+        client.set_tag(self.parent_id, "equip.last_sweep_dir", sweep_dir)
         os.environ[PARENT_ENV] = self.parent_id
-        os.environ[SWEPT_ENV] = ",".join(swept_keys(config))
+        os.environ[SWEPT_ENV] = ",".join(keys)
         # Hydra skips on_multirun_end when a sweep aborts (Ctrl-C, a job raising with
         # continue_on_failure=false): end the parent anyway, with what its children have.
         atexit.register(self._end_if_aborted)
@@ -250,12 +255,11 @@ def swept_keys(config: DictConfig) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def sweep_name(config: DictConfig) -> str:
+def sweep_name(config: DictConfig, keys: list[str]) -> str:
     """'sweep smoke', or the swept values: 'sweep filters=[32,64],[32,64,128]'."""
     task = list(config.hydra.overrides.task)
     chosen = [o.split("=", 1)[1] for o in task if o.startswith("sweep=")]
-    keys = set(swept_keys(config))
-    swept = [o.split("=", 1) for o in task if o.split("=", 1)[0].lstrip("+~") in keys]
+    swept = [o.split("=", 1) for o in swept_overrides(task, keys)]
     parts = [f"{k.split('.')[-1]}={v}" for k, v in swept]
     return " ".join(["sweep", *chosen[:1], *parts])[:250]
 
