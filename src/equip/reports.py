@@ -35,6 +35,13 @@ def table_csv(table: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def matrix_csv(classes: list[str], matrix: torch.Tensor) -> str:
+    """Confusion matrix as CSV: a row per true class, a column per predicted class."""
+    rows = [",".join(["true\\pred", *classes])]
+    rows += [",".join([c, *map(str, r)]) for c, r in zip(classes, matrix.tolist(), strict=True)]
+    return "\n".join(rows) + "\n"
+
+
 def confusion_figure(classes: list[str], y_true: torch.Tensor, y_pred: torch.Tensor):
     import matplotlib
 

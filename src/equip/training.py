@@ -284,9 +284,7 @@ def _log_evaluation(
     fig, matrix = reports.confusion_figure(classes, y_true, y_pred)
     mlflow.log_figure(fig, "eval/confusion_matrix.png")
     reports.close(fig)
-    rows = [",".join(["true\\pred", *classes])]
-    rows += [",".join([c, *map(str, r)]) for c, r in zip(classes, matrix.tolist(), strict=True)]
-    mlflow.log_text("\n".join(rows) + "\n", "eval/confusion_matrix.csv")
+    mlflow.log_text(reports.matrix_csv(classes, matrix), "eval/confusion_matrix.csv")
     return final
 
 
