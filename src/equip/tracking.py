@@ -191,11 +191,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def strip_credentials(text: str) -> str:
+    """https://user:pw@host/x -> https://***@host/x"""
+    return URI_CREDENTIALS.sub(f"{REDACTED}@", text)
+
+
 def redact_value(key: str, value: Any) -> Any:
     """*** for secret-looking keys; credentials inside URIs are cut out of any value."""
     if SECRET_KEY.search(key):
         return REDACTED
-    return URI_CREDENTIALS.sub(f"{REDACTED}@", value) if isinstance(value, str) else value
+    return strip_credentials(value) if isinstance(value, str) else value
 
 
 def redact(items: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,12 +220,14 @@ def config_params(cfg: DictConfig) -> dict[str, str]:
 def redacted_yaml(cfg: DictConfig) -> str:
     tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
-    def scrub(node: Any) -> Any:
+    def scrub(node: Any, key: str = "") -> Any:
+        if SECRET_KEY.search(key):  # the whole subtree of a secret key, not just its leaves
+            return REDACTED
         if isinstance(node, dict):
-            return {k: REDACTED if SECRET_KEY.search(str(k)) else scrub(v) for k, v in node.items()}
-        if isinstance(node, str):
-            return URI_CREDENTIALS.sub(f"{REDACTED}@", node)
-        return [scrub(v) for v in node] if isinstance(node, list) else node
+            return {k: scrub(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v, key) for v in node]
+        return redact_value(key, node)
 
     return OmegaConf.to_yaml(scrub(tree))
 
@@ -233,7 +240,7 @@ def redact_overrides(overrides: Iterable[str]) -> list[str]:
         if eq and (SECRET_KEY.search(key) or SECRET_KEY.search(value)):
             out.append(f"{key}={REDACTED}")
         else:
-            out.append(URI_CREDENTIALS.sub(f"{REDACTED}@", o))
+            out.append(strip_credentials(o))
     return out
 
 
@@ -290,7 +297,7 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
 
 def run_location(uri: str, experiment: str, run_id: str) -> str:
     """Where a person finds the run: a UI link for servers, the `mlflow ui` command otherwise."""
-    uri = URI_CREDENTIALS.sub(f"{REDACTED}@", uri)
+    uri = strip_credentials(uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return f"run {run_id} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"
