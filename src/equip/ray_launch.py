@@ -11,9 +11,14 @@ passes object_store_memory to ray.init, which Ray refuses when connecting); and 
 jobs one after the other, so one job lost with its node raises and the sweep loses the rest.
 
 What this launcher adds for equip's sweeps:
-- Ray workers do not inherit the driver's environment: each task gets the sweep's parent run
-  (EQUIP_PARENT_RUN_ID), its swept keys (EQUIP_SWEPT_KEYS) and the resolved MLflow store
-  (MLFLOW_TRACKING_URI) through its runtime_env, plus `hydra.launcher.ray.runtime_env`.
+- Ray workers do not inherit the driver's environment: each job gets the resolved MLflow store
+  (MLFLOW_TRACKING_URI) through the sweep's runtime_env (plus `hydra.launcher.ray.runtime_env`),
+  and the sweep's parent run (EQUIP_PARENT_RUN_ID) and swept keys (EQUIP_SWEPT_KEYS), which exist
+  only once the sweep callback has run, with the task, set in the worker's environment first.
+- Worker processes start before the parent run exists: a callback that runs before the sweep
+  callback connects to Ray and has one worker per free slot import torch, Lightning and MLflow
+  while the driver validates the grid. The runtime_env is new for each invocation, so a sweep
+  never runs in a worker that imported an older version of the code.
 - Each task reserves `hydra.launcher.ray.remote.num_cpus` (and `num_gpus`) and trains with that
   many threads. Tasks are spread over the nodes.
 - Each child run is tagged with the Ray node it ran on (`equip.ray_node_id`, `equip.ray_node_ip`)
@@ -22,8 +27,8 @@ What this launcher adds for equip's sweeps:
   ends FAILED with the reason in `equip.error`, the other jobs go on, and the same command again
   reruns only what did not finish (the sweep's resume). With `max_retries=N` Ray reruns it instead,
   and the lost attempt still ends FAILED.
-- A local store (sqlite or file) with a Ray cluster on other machines is refused before any job:
-  those nodes could not write to it.
+- A local store (sqlite or file) with a Ray cluster on other machines is refused before the sweep
+  creates anything: those nodes could not write to it.
 
 Every node needs equip importable (`pip install equip`, or a runtime_env with `pip`/`py_modules`)
 and `data.root` readable at the same path; train.py and the configs need not be there (each job's
@@ -38,6 +43,7 @@ import logging
 import math
 import os
 import socket
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from equip import tracking
+from equip.errors import EquipError
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
@@ -98,7 +105,7 @@ def address_host(address: str | None) -> str | None:
 def store_refusal(uri: str, hosts: Sequence[str]) -> str | None:
     """Why the jobs on `hosts` could not log to `uri`, or None when they can."""
     remote = [h for h in hosts if not is_local_host(h)]
-    if not remote or not is_local_store(uri):
+    if not remote or not uri or not is_local_store(uri):
         return None
     return (
         f"tracking store {uri} is on this machine only, but the Ray cluster has nodes on "
@@ -108,23 +115,74 @@ def store_refusal(uri: str, hosts: Sequence[str]) -> str | None:
     )
 
 
-def _store_uri(config: DictConfig) -> str:
-    t = config.tracking
-    if not (tracking.USER_TRACKING_URI or t.get("uri")):  # Azure ML, from its workspace: remote
-        return ""
-    return tracking.resolve_uri(t)
+def _refuse(why: str) -> None:
+    console.print(f"[bold red]equip: error:[/] {why}", highlight=False)
+    raise SystemExit(2)
+
+
+_session: dict[str, Any] = {}  # this driver's Ray set-up, from the callback to the launcher
 
 
 class RayPreflight(Callback):
-    """Refuses a local store with a remote Ray address before the sweep creates anything.
-    Listed before the sweep callback by conf/hydra/launcher/ray.yaml."""
+    """Before the sweep callback creates the parent run: refuse a local store with a remote
+    cluster, connect to Ray and warm its workers up (listed first by hydra/launcher/ray.yaml)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        host = address_host(OmegaConf.select(config, "hydra.launcher.ray.init.address"))
-        why = store_refusal(_store_uri(config), [host] if host is not None else [])
-        if why:
-            console.print(f"[bold red]equip: error:[/] {why}", highlight=False)
-            raise SystemExit(2)
+        start(config)
+
+
+def start(config: DictConfig, warm_up: bool = True) -> dict[str, Any]:
+    """Check the store against the cluster, connect, and start the sweep's workers."""
+    ray_cfg = config.hydra.launcher.ray
+    try:
+        uri = tracking.resolve_uri(config.tracking)
+    except EquipError as e:
+        _refuse(str(e))
+    host = address_host(OmegaConf.select(ray_cfg, "init.address"))
+    why = store_refusal(uri, [host] if host is not None else [])
+    if why:
+        _refuse(why)  # before connecting: a remote cluster may take long to answer
+    ray = _connect(ray_cfg.get("init") or {})
+    hosts = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+    why = store_refusal(uri, hosts)  # e.g. address=auto, with nodes on other machines
+    if why:
+        _refuse(why)
+    remote = {"num_cpus": 1, "max_retries": 0, **_plain(ray_cfg.get("remote"))}
+    env = _plain(ray_cfg.get("runtime_env"))
+    env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
+    env_vars.update(MLFLOW_TRACKING_URI=uri, EQUIP_RAY_SWEEP=uuid.uuid4().hex)
+    runtime_env = {**env, "env_vars": env_vars}
+    _session.update(uri=uri, remote=remote, runtime_env=runtime_env, hosts=hosts)
+    if warm_up:
+        slots = _slots(ray.cluster_resources(), remote)
+        task = ray.remote(_warm_up).options(**remote, runtime_env=runtime_env)
+        _session["warm_up"] = [task.remote() for _ in range(slots)]
+    return _session
+
+
+def _slots(resources: dict[str, float], remote: dict[str, Any]) -> int:
+    """How many jobs the cluster runs at once."""
+    need = {"CPU": remote.get("num_cpus") or 0, "GPU": remote.get("num_gpus") or 0}
+    fits = [int(resources.get(r, 0) // n) for r, n in need.items() if n > 0]
+    return max(1, min([*fits, 64]))
+
+
+def _warm_up() -> str:
+    """Import what every job needs (but not equip.tracking, which reads MLFLOW_TRACKING_URI
+    once); the sweep's jobs then reuse this worker process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow  # noqa: F401
+    import pytorch_lightning  # noqa: F401
+    import torchmetrics  # noqa: F401
+
+    import equip.data  # noqa: F401
+    import equip.model  # noqa: F401
+    import equip.reports  # noqa: F401
+
+    return "warm"
 
 
 # ---------------------------------------------------------------- the job, on a Ray worker
@@ -135,6 +193,7 @@ def _run_job_on_ray(
     singleton_state: dict[Any, Any],
     launch_dir: str,
     num_cpus: float,
+    job_env: dict[str, str],
 ) -> JobReturn:
     import ray
     from hydra.core.hydra_config import HydraConfig
@@ -142,6 +201,7 @@ def _run_job_on_ray(
 
     from equip.runtime import cpu_count
 
+    os.environ.update(job_env)  # the sweep's parent run and swept keys
     if Path(launch_dir).is_dir():  # one machine or a shared folder: relative paths as on the driver
         os.chdir(launch_dir)
     tags = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
@@ -166,7 +226,6 @@ def _run_job_on_ray(
 
 # ---------------------------------------------------------------- the launcher, on the driver
 def launch(
-    ray_cfg: DictConfig,
     config: DictConfig,
     hydra_context: HydraContext,
     task_function: TaskFunction,
@@ -176,23 +235,22 @@ def launch(
     """Run one batch of a sweep's jobs as Ray tasks; every job's JobReturn, in order."""
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    ray = _connect(ray_cfg.get("init") or {})
+    session = _session or start(config, warm_up=False)  # no callback: set up here
+    import ray
+
     uri = tracking.connect(config.tracking)
-    hosts = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
-    why = store_refusal(uri, hosts)
-    if why:
-        console.print(f"[bold red]equip: error:[/] {why}", highlight=False)
-        raise SystemExit(2)
+    assert uri == session["uri"], f"{uri} != {session['uri']}"
     # The driver's `now` is cached; a worker would compute its own: fix the folder here.
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    remote = {"num_cpus": 1, "max_retries": 0, **_plain(ray_cfg.get("remote"))}
-    task = ray.remote(_run_job_on_ray).options(**remote, runtime_env=_runtime_env(ray_cfg, uri))
+    remote = session["remote"]
+    task = ray.remote(_run_job_on_ray).options(**remote, runtime_env=session["runtime_env"])
     context, function, singletons = (
         ray.put(x) for x in (hydra_context, task_function, Singleton.get_state())
     )
+    job_env = {k: os.environ[k] for k in (PARENT_ENV, SWEPT_ENV) if k in os.environ}
     log.info("Ray launcher: %d job(s) on %d node(s), sweep output dir: %s",
-             len(job_overrides), len(hosts), sweep_dir)  # fmt: skip
+             len(job_overrides), len(session["hosts"]), sweep_dir)  # fmt: skip
     refs = []
     for i, overrides in enumerate(job_overrides):
         idx = initial_job_idx + i
@@ -203,20 +261,9 @@ def launch(
             sweep_config.hydra.job.num = idx
             sweep_config.hydra.sweep.dir = str(sweep_dir)
         ref = task.remote(context, sweep_config, function, singletons, os.getcwd(),
-                          float(remote.get("num_cpus") or 0))  # fmt: skip
+                          float(remote.get("num_cpus") or 0), job_env)  # fmt: skip
         refs.append((idx, overrides, ref))
     return _collect(ray, refs, _continue_on_failure(config))
-
-
-def _runtime_env(ray_cfg: DictConfig, uri: str) -> dict[str, Any]:
-    """The user's runtime_env plus what every job needs from the driver's environment."""
-    env = _plain(ray_cfg.get("runtime_env"))
-    env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
-    env_vars["MLFLOW_TRACKING_URI"] = uri
-    for name in (PARENT_ENV, SWEPT_ENV):
-        if name in os.environ:
-            env_vars[name] = os.environ[name]
-    return {**env, "env_vars": env_vars}
 
 
 def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) -> list[JobReturn]:

@@ -31,5 +31,6 @@ class RayLauncher(Launcher):
         from equip.ray_launch import launch  # ray, mlflow: only when a sweep is launched
 
         assert self.config and self.hydra_context and self.task_function
-        return launch(self.ray_cfg, self.config, self.hydra_context, self.task_function,
-                      job_overrides, initial_job_idx)  # fmt: skip
+        # The settings are read from self.config.hydra.launcher.ray, like the callback does.
+        return launch(self.config, self.hydra_context, self.task_function, job_overrides,
+                      initial_job_idx)  # fmt: skip
