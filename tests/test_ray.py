@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ ray = pytest.importorskip("ray")
 from mlflow import MlflowClient  # noqa: E402
 
 from equip import ray_launch  # noqa: E402
-from tests.conftest import ROOT, TINY  # noqa: E402
+from tests.conftest import ROOT, TINY, free_port  # noqa: E402
 
 FAST = [*TINY, "tracking.log_model=false"]
 MB = 2**20
@@ -49,6 +50,35 @@ def cluster():
         os.environ["PYTHONPATH"] = old
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real `mlflow server` for the module (each test logs to its own experiment)."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = open(folder / "server.log", "w")  # noqa: SIM115  # lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, (
+                folder / "server.log"
+            ).read_text()
+            time.sleep(0.3)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
 @pytest.fixture
 def worker(cluster):
     node = cluster.add_node(num_cpus=1, object_store_memory=80 * MB)
@@ -68,22 +98,24 @@ def ray_sweep(*args: str, cwd: Path, wait: bool = True):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def parent_and_children(client: MlflowClient):
-    [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
+def parent_and_children(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = client.search_runs([exp], "tags.`equip.sweep_key` != ''")
     children = client.search_runs(
-        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
     )  # fmt: skip
     return parent, children
 
 
 @pytest.mark.slow
-def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, cluster, worker, mlflow_server):
-    proc = ray_sweep("sweep=smoke", f"hydra.launcher.ray.init.address={cluster.address}",
-                     f"tracking.uri={mlflow_server}", cwd=tmp_path)  # fmt: skip
+def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, cluster, worker, server):
+    address = f"hydra.launcher.ray.init.address={cluster.address}"
+    proc = ray_sweep("sweep=smoke", address, f"tracking.uri={server}", "tracking.experiment=smoke",
+                     cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(mlflow_server)
-    parent, children = parent_and_children(client)
+    client = MlflowClient(server)
+    parent, children = parent_and_children(client, "smoke")
     assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep smoke"
     assert "RayLauncher" in parent.data.tags["equip.launcher"]
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
@@ -101,13 +133,15 @@ def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, cluster, work
 
 @pytest.mark.slow
 def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
-    tmp_path, cluster, worker, mlflow_server
+    tmp_path, cluster, worker, server
 ):
+    # 3 jobs on 2 one-CPU nodes: one on each node, one queued until a node is free.
     args = (
-        "model.filters=[4],[8],[4,8],[8,16]", "trainer.max_epochs=40", "trainer.patience=0",
-        f"hydra.launcher.ray.init.address={cluster.address}", f"tracking.uri={mlflow_server}",
+        "model.filters=[4],[8],[4,8]", "trainer.max_epochs=20", "trainer.patience=0",
+        f"hydra.launcher.ray.init.address={cluster.address}", f"tracking.uri={server}",
+        "tracking.experiment=lost_node",
     )  # fmt: skip
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(server)
     proc = ray_sweep(*args, cwd=tmp_path, wait=False)
     deadline = time.time() + 120
     on_worker = []
@@ -116,32 +150,33 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
         time.sleep(0.2)
         with contextlib.suppress(Exception):  # the experiment does not exist yet
             on_worker = client.search_runs(
-                ["1"], "attributes.status = 'RUNNING' and "
+                [client.get_experiment_by_name("lost_node").experiment_id],
+                "attributes.status = 'RUNNING' and "
                 f"tags.`equip.ray_node_id` = '{worker.node_id}'",
             )  # fmt: skip
     cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: the machine is gone
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
-    parent, children = parent_and_children(client)
+    parent, children = parent_and_children(client, "lost_node")
     lost = client.get_run(on_worker[0].info.run_id)
     assert lost.info.status == "FAILED"
     assert "lost with its Ray node" in lost.data.tags["equip.error"]
     others = [c for c in children if c.info.run_id != lost.info.run_id]
-    assert len(others) == 3 and all(c.info.status == "FINISHED" for c in others)
+    assert len(others) == 2 and all(c.info.status == "FINISHED" for c in others)
     assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_failed"] == 1
     assert "lost with its Ray node or worker process" in err
 
     rerun = ray_sweep(*args, cwd=tmp_path)  # the same command: only the lost job runs again
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    parent, children = parent_and_children(client)
+    parent, children = parent_and_children(client, "lost_node")
     finished = [c for c in children if c.info.status == "FINISHED"]
-    assert len(finished) == 4 and len({c.data.tags["equip.config_hash"] for c in finished}) == 4
+    assert len(finished) == 3 and len({c.data.tags["equip.config_hash"] for c in finished}) == 3
     assert {c.info.run_id for c in others} <= {c.info.run_id for c in finished}
-    assert rerun.stderr.count("already FINISHED as run") == 3
+    assert rerun.stderr.count("already FINISHED as run") == 2
     redone = next(c for c in finished if c.data.tags["equip.config_hash"]
                   == lost.data.tags["equip.config_hash"])  # fmt: skip
     assert redone.data.tags["equip.ray_node_id"] == cluster.head_node.node_id
-    assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_skipped"] == 3
+    assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_skipped"] == 2
 
 
 def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path: Path):
