@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import uuid
 from collections.abc import Sequence
@@ -281,7 +282,7 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
             except RayError as e:  # its node or worker process was lost
                 lost += 1
                 text = str(e).strip()
-                first = text.splitlines()[0] if text else ""
+                first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else ""
                 console.print(f"[bold red]job #{idx} {LOST_NODE}[/] ({type(e).__name__}: "
                               f"{first}); run the same command again to rerun it",
                               highlight=False)  # fmt: skip
