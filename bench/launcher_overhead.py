@@ -77,7 +77,8 @@ def main() -> None:
             )
         finally:
             cluster.shutdown()
-    print(f"8-job sweep ({', '.join(TINY[:5])}), {os.cpu_count()} CPU cores")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"8-job sweep ({', '.join(TINY[:5])}), {os.cpu_count()} CPU cores, load {load}")
     print(f"{'launcher':<20} {'wall s':>8} {'mean train_time_s':>18} {'overhead s/job':>15}")
     for name, r in results.items():
         print(f"{name:<20} {r['wall']:>8.1f} {r['train']:>18.2f} {r['overhead']:>15.2f}")
