@@ -51,8 +51,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real `mlflow server` for the module (each test logs to its own experiment)."""
+def server_process(tmp_path_factory):
+    """A real `mlflow server` for the module (each test logs to its own experiment), started
+    first so that it boots while the Ray cluster starts."""
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
     log = open(folder / "server.log", "w")  # noqa: SIM115  # lives as long as the server
@@ -62,21 +63,24 @@ def server(tmp_path_factory):
          "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
+    yield proc, f"http://127.0.0.1:{port}", folder / "server.log"
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(server_process, cluster):
+    """The server's URI, once it answers."""
+    proc, uri, log = server_process
     deadline = time.time() + 60
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-            break
+            return uri
         except OSError:
-            assert proc.poll() is None and time.time() < deadline, (
-                folder / "server.log"
-            ).read_text()
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
 
 
 @pytest.fixture
@@ -109,7 +113,7 @@ def parent_and_children(client: MlflowClient, experiment: str):
 
 
 @pytest.mark.slow
-def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, cluster, worker, server):
+def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, server, cluster, worker):
     address = f"hydra.launcher.ray.init.address={cluster.address}"
     proc = ray_sweep("sweep=smoke", address, f"tracking.uri={server}", "tracking.experiment=smoke",
                      cwd=tmp_path)  # fmt: skip
@@ -133,7 +137,7 @@ def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, cluster, work
 
 @pytest.mark.slow
 def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
-    tmp_path, cluster, worker, server
+    tmp_path, server, cluster, worker
 ):
     # 3 jobs on 2 one-CPU nodes: one on each node, one queued until a node is free.
     args = (
