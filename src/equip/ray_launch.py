@@ -169,19 +169,14 @@ def _slots(resources: dict[str, float], remote: dict[str, Any]) -> int:
 
 
 def _warm_up() -> str:
-    """Import what every job needs (but not equip.tracking, which reads MLFLOW_TRACKING_URI
-    once); the sweep's jobs then reuse this worker process."""
+    """Import what every job needs; the sweep's jobs then run in this warm worker process
+    (Ray reuses workers with the same runtime_env)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
-    import mlflow  # noqa: F401
-    import pytorch_lightning  # noqa: F401
-    import torchmetrics  # noqa: F401
 
-    import equip.data  # noqa: F401
-    import equip.model  # noqa: F401
-    import equip.reports  # noqa: F401
+    import equip.training  # noqa: F401  # torch, Lightning, MLflow
 
     return "warm"
 
@@ -272,7 +267,6 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
     from ray.exceptions import RayError, RayTaskError
 
     results: list[JobReturn] = []
-    lost = 0
     try:
         for idx, overrides, ref in refs:
             try:
@@ -280,7 +274,6 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
             except RayTaskError as e:  # the job itself raised past Hydra (SystemExit...)
                 results.append(_failed(overrides, e.as_instanceof_cause()))
             except RayError as e:  # its node or worker process was lost
-                lost += 1
                 text = str(e).strip()
                 first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else ""
                 console.print(f"[bold red]job #{idx} {LOST_NODE}[/] ({type(e).__name__}: "
@@ -291,8 +284,9 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
         for _, _, ref in refs:
             ray.cancel(ref, force=True)
         raise
-    if lost:
-        fail_orphans(os.environ.get(PARENT_ENV))
+    # Every task of the batch has returned or died, so a child still RUNNING lost its node:
+    # with max_retries=0 the job itself, with retries an attempt that Ray ran again.
+    fail_orphans(os.environ.get(PARENT_ENV))
     return results
 
 
