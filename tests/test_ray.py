@@ -33,8 +33,12 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     # Workers start from the raylets' environment: make this checkout importable there too.
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), old]))
+    # Token auth off for cluster and sweeps alike, whether or not ~/.ray/auth_token exists.
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_MODE")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "src"), saved["PYTHONPATH"]])
+    )
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     c = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "object_store_memory": 80 * MB, "include_dashboard": False,
@@ -44,10 +48,11 @@ def cluster():
     )  # fmt: skip
     yield c
     c.shutdown()
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
