@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +88,57 @@ def mlflow_server(tmp_path: Path):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+# ---------------------------------------------------------------- shared helpers
+def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def write_pngs(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    from equip.synthetic import make_synthetic
+
+    images, _ = make_synthetic(1, 48, seed=5)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        files.append(folder / f"{i}.png")
+        Image.fromarray(images[i].transpose(1, 2, 0)).save(files[-1])
+    return files
+
+
+def run_cli(*args: str, cwd: Path, tiny: bool = True) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess (TINY first: synthetic-data sizes)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *(TINY if tiny else []), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+FAST = [*TINY, "tracking.log_model=false"]
+
+
+def sweep(*args: str, cwd: Path, env_uri: str | None = None, wait: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if env_uri:
+        env["MLFLOW_TRACKING_URI"] = env_uri
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def parent_and_children(client: MlflowClient):
+    [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
+    children = client.search_runs(
+        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )  # fmt: skip
+    return parent, children

@@ -16,8 +16,7 @@ from mlflow import MlflowClient
 
 from equip.synthetic import CLASSES
 from equip.training import train
-from tests.conftest import GEAR, free_port, make_cfg
-from tests.test_train import write_pngs
+from tests.conftest import GEAR, free_port, make_cfg, write_pngs
 
 # Data on which a CNN learns something in seconds; the same for every run of this module.
 DATA = ["data.per_class=20", "data.image_size=40", "data.val_fraction=0.25"]
@@ -27,7 +26,7 @@ STRONG_BASELINE = ["model=baseline", "model.features=[hog,color_hist,pixels]"]
 GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
             "trainer.max_epochs=8", "model.lr=0.003"]  # fmt: skip
 BAD_CNN = ["model.lr=0.0000001", "trainer.max_epochs=1"]
-REGISTER = ["register=true", "registry.name=gear"]
+REGISTER = ["registry.enabled=true", "registry.name=gear"]
 
 
 def run(*overrides: str) -> dict:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +18,7 @@ from equip.errors import EquipError
 from equip.model import Classifier
 from equip.serving import classify
 from equip.training import train
-from tests.conftest import ROOT, TINY, free_port, make_cfg
-
-
-def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out = set()
-    for f in client.list_artifacts(run_id, path):
-        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
-    return out
+from tests.conftest import artifacts, free_port, make_cfg, run_cli, write_pngs
 
 
 def test_train_records_a_complete_run(store: str):
@@ -81,20 +71,6 @@ def test_train_records_a_complete_run(store: str):
     assert np.allclose(by_path.filter(like="p_").sum(axis=1), 1, atol=1e-4)
 
 
-def write_pngs(folder: Path, n: int) -> list[Path]:
-    from PIL import Image
-
-    from equip.synthetic import make_synthetic
-
-    images, _ = make_synthetic(1, 48, seed=5)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        files.append(folder / f"{i}.png")
-        Image.fromarray(images[i].transpose(1, 2, 0)).save(files[-1])
-    return files
-
-
 class Explode(pl.Callback):
     def on_train_epoch_end(self, trainer, module):
         if trainer.current_epoch == 1:
@@ -139,14 +115,6 @@ def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
     assert not Path("mlflow.db").exists()
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *TINY, *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-
-
 def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
     proc = run_cli("model.filters=[8],[8,16]", "tracking.log_model=false", "-m", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -163,7 +131,7 @@ def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path):
-    proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path)
+    proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path, tiny=False)
     assert proc.returncode == 2
     assert "equip: error: data.root=" in proc.stderr and "Traceback" not in proc.stderr
 

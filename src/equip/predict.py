@@ -14,12 +14,10 @@ import re
 import sys
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from equip.data import IMAGE_SUFFIXES
 from equip.errors import EquipError
 
 DEFAULTS = {"model": "???", "images": "???", "output": "predictions.csv", "tracking_uri": None,
@@ -28,6 +26,8 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def find_images(path: Path) -> list[Path]:
+    from equip.data import IMAGE_SUFFIXES
+
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(cfg.images)
         files = find_images(root)
         predict = load_predictor(str(cfg.model))
+        import pandas as pd
+
         out = predict(pd.DataFrame({"image": [str(f) for f in files]}))
     except EquipError as e:
         console.print(f"[bold red]equip: error:[/] {e}", highlight=False)

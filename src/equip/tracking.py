@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import time
 import urllib.error
@@ -19,22 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from equip import schema
 from equip.errors import EquipError
+from equip.redaction import redact_overrides, redact_tree, strip_secrets
 
 log = logging.getLogger(__name__)
 
-# Keys whose values are never logged anywhere (params, tags, artifacts).
-SECRET_KEY = re.compile(
-    r"secret|passw|pwd|token|credential|api_?key|access_?key|account_?key|private_?key|"
-    r"connection_?string|auth|sas",
-    re.I,
-)
-URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URI
 # The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
 # environment (it does, for child processes): later runs in this process must not mistake it.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-REDACTED = "***"
-MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in mlflow 3
 
 
 def resolve_uri(tracking: DictConfig) -> str:
@@ -191,61 +183,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def strip_credentials(text: str) -> str:
-    """https://user:pw@host/x -> https://***@host/x"""
-    return URI_CREDENTIALS.sub(f"{REDACTED}@", text)
-
-
-def redact_value(key: str, value: Any) -> Any:
-    """*** for secret-looking keys; credentials inside URIs are cut out of any value."""
-    if SECRET_KEY.search(key):
-        return REDACTED
-    return strip_credentials(value) if isinstance(value, str) else value
-
-
-def redact(items: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: redact_value(k, v) for k, v in items.items()}
-
-
 def config_params(cfg: DictConfig) -> dict[str, str]:
     """Every leaf of the composed config as a flat dotted param, within MLflow's limits."""
     tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     params = {}
-    for k, v in redact(flatten(tree)).items():
-        text = "null" if v is None else str(v)
-        params[k] = text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
+    for k, v in flatten(redact_tree(tree)).items():
+        params[k] = schema.truncate("null" if v is None else str(v), schema.MAX_PARAM_VALUE)
     return params
 
 
 def redacted_yaml(cfg: DictConfig) -> str:
     tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-
-    def scrub(node: Any, key: str = "") -> Any:
-        if SECRET_KEY.search(key):  # the whole subtree of a secret key, not just its leaves
-            return REDACTED
-        if isinstance(node, dict):
-            return {k: scrub(v, str(k)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [scrub(v, key) for v in node]
-        return redact_value(key, node)
-
-    return OmegaConf.to_yaml(scrub(tree))
-
-
-def redact_overrides(overrides: Iterable[str]) -> list[str]:
-    out = []
-    for o in overrides:
-        key, eq, value = o.partition("=")
-        # A secret may hide in the value too: +data.auth={api_key:X}
-        if eq and (SECRET_KEY.search(key) or SECRET_KEY.search(value)):
-            out.append(f"{key}={REDACTED}")
-        else:
-            out.append(strip_credentials(o))
-    return out
-
-
-# Overrides that change where or how verbosely a run is recorded, not what it trains.
-NOT_IN_RUN_NAME = ("hydra.", "tracking", "trainer.progress_bar", "sweep", "register")
+    return OmegaConf.to_yaml(redact_tree(tree))
 
 
 def _short(value: str) -> str:
@@ -269,7 +218,7 @@ def run_name(cfg: DictConfig, overrides: Iterable[str] = ()) -> str:
         key = key.lstrip("+~")
         if (
             not value
-            or key.startswith(NOT_IN_RUN_NAME)
+            or not schema.is_identity_key(key)
             or key in ("model", "model.filters", "model.estimator")
         ):
             continue
@@ -297,7 +246,7 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
 
 def run_location(uri: str, experiment: str, run_id: str) -> str:
     """Where a person finds the run: a UI link for servers, the `mlflow ui` command otherwise."""
-    uri = strip_credentials(uri)
+    uri = strip_secrets(uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return f"run {run_id} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"
