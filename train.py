@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from equip.cli import upgrade_argv
+from equip.cli import one_line_errors, upgrade_argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     sys.argv[1:] = upgrade_argv(sys.argv[1:])
-    main()
+    with one_line_errors():
+        main()

@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 from mlflow import MlflowClient
 
-from equip import tracking
+import equip.store
 from equip.errors import EquipError
 from equip.model import Classifier
 from equip.serving import classify
@@ -108,8 +108,8 @@ def test_unreachable_tracking_server_fails_in_seconds(store: str):
 
 def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
     env_store = f"sqlite:///{tmp_path}/from_env.db"
-    # What equip read from the environment at start-up (tracking.USER_TRACKING_URI).
-    monkeypatch.setattr(tracking, "USER_TRACKING_URI", env_store)
+    # What equip read from the environment at start-up (store.USER_TRACKING_URI).
+    monkeypatch.setattr(equip.store, "USER_TRACKING_URI", env_store)
     train(make_cfg("trainer.max_epochs=1", "tracking.log_model=false"), [])
     assert len(MlflowClient(env_store).search_runs(["1"])) == 1
     assert not Path("mlflow.db").exists()

@@ -38,7 +38,8 @@ class EpochMetrics(pl.Callback):
         }
         metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         metrics["epoch_time_s"] = time.perf_counter() - self._t0
-        tracking.log_metrics(self.run_id, metrics, step=trainer.current_epoch)
+        heartbeat = {schema.HEARTBEAT: str(int(time.time()))}  # this run is alive (equip.store)
+        tracking.log_metrics(self.run_id, metrics, step=trainer.current_epoch, tags=heartbeat)
         self.history.append({"epoch": trainer.current_epoch, **metrics})
 
 

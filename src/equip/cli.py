@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
 
 from equip.errors import EquipError
+from equip.redaction import strip_secrets
 
 console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
 
@@ -40,30 +46,97 @@ def upgrade_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def fail(message: str, code: int) -> None:
+    console.print(f"[bold red]equip: error:[/] {strip_secrets(message)}", highlight=False)
+    raise SystemExit(code)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Around Hydra's main: a bad key or value on the command line is one line and exit 2, not
+    Hydra's multi-line report. HYDRA_FULL_ERROR (Hydra's own switch) makes it re-raise to us."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except EquipError as e:
+        fail(str(e), 2)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path")[0]  # Hydra's search path is noise here
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        cause = e.__cause__
+        if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+            text += f" ({str(cause).strip().splitlines()[0]})"
+        fail(f"{text} See python train.py --help for the config groups and keys.", 2)
+
+
 def run_training(cfg: DictConfig) -> float:
     """Train one job; return its monitored metric, negated when lower is better, so that an
     Optuna sweeper with direction=maximize always optimises the right way."""
-    from equip import schema
+    from equip.checks import check_config
     from equip.job import JobContext
-    from equip.training import train
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     job = JobContext.from_hydra(cfg)
     try:
+        check_config(cfg)  # before torch is imported: a bad value costs a second, not ten
+        from equip.training import train
+
         result = train(cfg, job)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
         console.print("[bold yellow]stopped by you[/]: the run is marked KILLED; run the same "
                       "command again to resume", highlight=False)  # fmt: skip
         raise SystemExit(130) from None
     except Exception as e:
-        if not (job.in_sweep and job.continue_on_failure):
-            if isinstance(e, EquipError):
-                console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
-                raise SystemExit(2) from None
-            raise
-        console.print(f"[bold red]job failed[/] (the sweep goes on): {type(e).__name__}: {e}",
-                      highlight=False)  # fmt: skip
-        return math.nan
+        if _store_gone(e):
+            fail("the tracking store is unreachable, so this job could not be recorded; "
+                 + ("the sweep stops here. Jobs that finished are safe in the store. "
+                    if job.in_sweep else "") + "Run the same command again once the store "
+                 f"is back to resume. ({describe(e)})", 3)  # fmt: skip
+        if job.in_sweep and job.continue_on_failure:
+            console.print(f"[bold red]job failed[/] (the sweep goes on): {describe(e)}",
+                          highlight=False)  # fmt: skip
+            return math.nan
+        if isinstance(e, EquipError):
+            fail(str(e), 2)
+        fail(f"{describe(e)} (traceback in {save_traceback(e)})", 1)
+    return report(cfg, result)
+
+
+def _store_gone(e: Exception) -> bool:
+    from equip.errors import StoreUnavailable
+
+    if isinstance(e, StoreUnavailable):
+        return True
+    if isinstance(e, EquipError):
+        return False
+    import mlflow
+
+    from equip.store import store_is_down
+
+    return store_is_down(mlflow.get_tracking_uri())
+
+
+def describe(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return strip_secrets(f"{type(e).__name__}: {first}")
+
+
+def save_traceback(e: BaseException) -> str:
+    """Where the full traceback of an unexpected error went: the job's Hydra output folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path()
+    path = folder / "error.txt"
+    path.write_text(strip_secrets("".join(traceback.format_exception(e))))
+    return str(path)
+
+
+def report(cfg: DictConfig, result: dict) -> float:
+    from equip import schema
+
     m = result["metrics"]
     if result.get("skipped"):
         console.print(f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from equip import schema, tracking
+from equip import schema, store, tracking
 from equip.job import JobContext, config_hash
 from equip.redaction import strip_secrets
 
@@ -37,6 +37,11 @@ def record_failure(
     checkpoint: str | None = None,
 ) -> None:
     """Never raises: the store itself may be what failed."""
+    import mlflow
+
+    if store.store_is_down(mlflow.get_tracking_uri()):
+        log.warning("the tracking store is unreachable: the failure of this job is not recorded")
+        return
     try:
         if run_id is not None:
             _end_run(error, run_id, checkpoint)
@@ -68,8 +73,8 @@ def _end_run(error: BaseException, run_id: str, checkpoint: str | None) -> None:
 def _record_failed_child(error: BaseException, cfg: DictConfig, job: JobContext) -> None:
     from mlflow import MlflowClient
 
-    tracking.connect(cfg.tracking)
-    exp_id = tracking.experiment_id(cfg.tracking.experiment, cfg.tracking.artifact_root)
+    store.connect(cfg.tracking)
+    exp_id = store.experiment_id(cfg.tracking)
     client = MlflowClient()
     run = client.create_run(
         exp_id,

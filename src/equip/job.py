@@ -20,6 +20,7 @@ from equip.tracking import config_params
 
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
 SWEPT_ENV = "EQUIP_SWEPT_KEYS"
+SWEEP_PID_ENV = "EQUIP_SWEEP_PID"  # the process that runs the sweep (workers exit with it)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class JobContext:
     continue_on_failure: bool = False
     median_stop: MedianStop | None = None
     parallel_jobs: int = 1  # jobs running side by side on this machine (cores are shared out)
+    sweep_pid: int | None = None  # the sweep's main process, when it runs on this machine
     extra_tags: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -81,6 +83,7 @@ class JobContext:
             continue_on_failure=bool(m.continue_on_failure),
             median_stop=MedianStop(stop.after_epochs, stop.min_finished) if stop.enabled else None,
             parallel_jobs=parallel_jobs,
+            sweep_pid=int(os.environ[SWEEP_PID_ENV]) if os.environ.get(SWEEP_PID_ENV) else None,
         )
 
 
@@ -88,11 +91,12 @@ def export_sweep(parent_run_id: str, swept_keys: Iterable[str]) -> None:
     """Called by the sweep callback: every job launched from now on is a child of this run."""
     os.environ[PARENT_ENV] = parent_run_id
     os.environ[SWEPT_ENV] = ",".join(swept_keys)
+    os.environ[SWEEP_PID_ENV] = str(os.getpid())
 
 
 def clear_sweep() -> None:
-    os.environ.pop(PARENT_ENV, None)
-    os.environ.pop(SWEPT_ENV, None)
+    for name in (PARENT_ENV, SWEPT_ENV, SWEEP_PID_ENV):
+        os.environ.pop(name, None)
 
 
 def swept_overrides(overrides: Iterable[str], keys: Iterable[str]) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from equip import schema, tracking
+from equip import schema, store, tracking
 from equip.errors import EquipError
 
 METRICS = schema.FINAL_METRICS
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                     "else sqlite:///mlflow.db in this folder")  # fmt: skip
     ap.add_argument("--experiment", default="equip")
     args = ap.parse_args(argv)
-    uri = args.tracking_uri or tracking.default_uri()
+    uri = args.tracking_uri or store.default_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise SystemExit(f"equip: error: no MLflow store at {uri}; run a sweep first or pass "
                          "--tracking-uri.")  # fmt: skip

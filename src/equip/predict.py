@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
         import mlflow
 
-        from equip.tracking import default_uri
+        from equip.store import default_uri
 
         mlflow.set_tracking_uri(cfg.tracking_uri or default_uri())
         root = Path(cfg.images)

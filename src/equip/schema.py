@@ -20,6 +20,10 @@ ERROR = "equip.error"  # why a run ended FAILED or KILLED
 PRUNED = "equip.pruned"
 PRUNED_REASON = "equip.pruned_reason"
 PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests children under it
+HOST = "equip.host"  # host, pid and heartbeat of the process that runs the run: a later
+PID = "equip.pid"  # command marks the run KILLED when that process is gone
+PID_STARTED = "equip.pid_started"
+HEARTBEAT = "equip.heartbeat"  # unix time, updated every epoch
 
 # ---------------------------------------------------------------- tags of a sweep's parent run
 SWEEP_KEY = "equip.sweep_key"

@@ -23,9 +23,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
 
-from equip import job, schema, tracking
+from equip import job, schema, store, tracking
 from equip.errors import EquipError
-from equip.redaction import redact_overrides
+from equip.redaction import redact_overrides, strip_secrets
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
@@ -114,11 +114,11 @@ class SweepTracker(Callback):
                     console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
                 raise SystemExit(2)
         try:
-            tracking.connect(config.tracking)
+            store.connect(config.tracking)
         except EquipError as e:
             console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
             raise SystemExit(2) from None
-        exp_id = tracking.experiment_id(config.tracking.experiment, config.tracking.artifact_root)
+        exp_id = store.experiment_id(config.tracking)
         client = MlflowClient()
         key, keys = sweep_key(config), swept_keys(config)
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
@@ -129,6 +129,8 @@ class SweepTracker(Callback):
         if config.multirun.resume and previous:
             self.parent_id = previous[0].info.run_id
             client.update_run(self.parent_id, status="RUNNING")
+            for k, v in store.process_tags().items():  # this process runs it now
+                client.set_tag(self.parent_id, k, v)
             # Jobs still RUNNING were cut off with the sweep (a killed process cannot say so).
             for run in client.search_runs([exp_id], schema.children_of(self.parent_id, "RUNNING")):
                 client.set_tag(run.info.run_id, schema.ERROR, "interrupted; rerun on resume")
@@ -151,6 +153,7 @@ class SweepTracker(Callback):
                     schema.LAUNCHER: str(config.hydra.launcher._target_),
                     schema.MONITOR: str(config.trainer.monitor),
                     schema.MONITOR_MODE: schema.monitor_mode(config.trainer.monitor),
+                    **store.process_tags(),
                     **tracking.git_tags(Path(__file__).parent),
                 },
             )
@@ -164,18 +167,21 @@ class SweepTracker(Callback):
     def _end_if_aborted(self) -> None:
         if self.parent_id is None:
             return
+        import mlflow
         from mlflow import MlflowClient
 
         from equip.leaderboard import summarize
 
+        parent_id, self.parent_id = self.parent_id, None
+        if store.store_is_down(mlflow.get_tracking_uri()):
+            return  # the next run of the same command resumes it (and marks it meanwhile)
         try:
-            summarize(self.parent_id, since=self.started)
+            summarize(parent_id, since=self.started)
+            client = MlflowClient()
+            client.set_tag(parent_id, schema.ERROR, "the sweep stopped before its last job")
+            client.set_terminated(parent_id, "KILLED")
         except Exception as e:
-            log.warning("could not summarise the aborted sweep: %s", e)
-        client = MlflowClient()
-        client.set_tag(self.parent_id, schema.ERROR, "the sweep stopped before its last job")
-        client.set_terminated(self.parent_id, "KILLED")
-        self.parent_id = None
+            log.warning("could not end the aborted sweep's parent run: %s", strip_secrets(str(e)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_id is None:
@@ -190,7 +196,7 @@ class SweepTracker(Callback):
         finally:
             MlflowClient().set_terminated(parent_id, "FINISHED")
         print_board(board)
-        uri = tracking.resolve_uri(config.tracking)
+        uri = store.resolve_uri(config.tracking)
         exp = MlflowClient().get_run(parent_id).info.experiment_id
         console.print(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}",
                       highlight=False, soft_wrap=True)  # fmt: skip

@@ -22,15 +22,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from equip import __version__, reports, schema, tracking
+from equip import __version__, reports, schema, store, tracking
 from equip.callbacks import EpochMetrics, MedianStopping
 from equip.checks import check_config
 from equip.data import ImageDataModule, ImageSet, load_images
 from equip.failures import record_failure
 from equip.job import JobContext, config_hash, finished_twin
 from equip.model import Classifier, mflops_per_image
-from equip.redaction import redact_overrides
-from equip.runtime import apply_fast_path
+from equip.redaction import redact_overrides, redact_tree
+from equip.runtime import apply_fast_path, exit_with
 from equip.split import split_images, split_manifest
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,14 @@ def train(
     try:  # any failure from here on is recorded (a sweep job that fails early still shows)
         check_config(cfg)
         apply_fast_path(job.parallel_jobs)
-        uri = tracking.connect(cfg.tracking)
+        if job.sweep_pid is not None:
+            exit_with(job.sweep_pid)  # a worker of a parallel sweep dies with the sweep
+        uri = store.connect(cfg.tracking)
         images = load_images(cfg.data)
         d = cfg.data
         split = split_images(images, d.val_fraction, d.test_fraction, d.split_seed,
                              d.group_pattern)  # fmt: skip
-        exp_id = tracking.experiment_id(cfg.tracking.experiment, cfg.tracking.artifact_root)
+        exp_id = store.experiment_id(cfg.tracking)
         name = tracking.run_name(cfg, job.name_overrides())
         cfg_hash = config_hash(cfg, images.fingerprint)
         if job.in_sweep and job.resume:
@@ -74,7 +76,7 @@ def train(
                         "location": where}  # fmt: skip
         tags = {schema.VERSION: __version__, schema.DATA_FINGERPRINT: images.fingerprint,
                 schema.DATA_SOURCE: images.source, schema.CONFIG_HASH: cfg_hash,
-                schema.MODEL_KIND: str(cfg.model.name), **job.extra_tags,
+                schema.MODEL_KIND: str(cfg.model.name), **job.extra_tags, **store.process_tags(),
                 **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
         ckpt_dir = tempfile.mkdtemp(prefix="equip-ckpt-")
         checkpoint = ModelCheckpoint(
@@ -147,7 +149,9 @@ def _fit_cnn(
 ) -> dict[str, Any]:
     # Seed before the weights exist: a job's result must not depend on the jobs before it.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = Classifier(OmegaConf.to_container(cfg.model), images.classes, cfg.data.image_size)
+    # Lightning saves these hyper-parameters inside every checkpoint: never a secret among them.
+    model_cfg = redact_tree(OmegaConf.to_container(cfg.model, resolve=True))
+    module = Classifier(model_cfg, images.classes, cfg.data.image_size)
     mlflow.log_params({
         "arch.params": sum(p.numel() for p in module.parameters()),
         "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
