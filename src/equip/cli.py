@@ -77,11 +77,13 @@ def run_training(cfg: DictConfig) -> float:
     Optuna sweeper with direction=maximize always optimises the right way."""
     from equip.checks import check_config
     from equip.job import JobContext
+    from equip.store import check_store
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     job = JobContext.from_hydra(cfg)
     try:
         check_config(cfg)  # before torch is imported: a bad value costs a second, not ten
+        check_store(cfg.tracking)
         from equip.training import train
 
         result = train(cfg, job)
@@ -91,10 +93,13 @@ def run_training(cfg: DictConfig) -> float:
         raise SystemExit(130) from None
     except Exception as e:
         if _store_gone(e):
-            fail("the tracking store is unreachable, so this job could not be recorded; "
-                 + ("the sweep stops here. Jobs that finished are safe in the store. "
-                    if job.in_sweep else "") + "Run the same command again once the store "
-                 f"is back to resume. ({describe(e)})", 3)  # fmt: skip
+            if job.in_sweep:
+                fail(f"{describe(e)}. The sweep stops here; jobs that finished are safe in the "
+                     "store. Run the same command again once the store is back to resume.", 3)  # fmt: skip
+            if isinstance(e, EquipError):  # before any work: a setting to fix
+                fail(str(e), 2)
+            fail(f"the tracking store went away during the run ({describe(e)}). Run the same "
+                 "command again once it is back.", 3)  # fmt: skip
         if job.in_sweep and job.continue_on_failure:
             console.print(f"[bold red]job failed[/] (the sweep goes on): {describe(e)}",
                           highlight=False)  # fmt: skip

@@ -55,10 +55,17 @@ def _where(uri: str) -> str:
 
 
 def connect(tracking: DictConfig) -> str:
-    """Point MLflow at the store and fail in seconds, with a fix, when it cannot be used.
-    Returns the URI without credentials (they travel in MLflow's environment variables)."""
+    """Point MLflow at the store, checked first (see check_store)."""
     import mlflow
 
+    uri = check_store(tracking)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_store(tracking: DictConfig) -> str:
+    """Fail in seconds, with a fix, when the store cannot be used (no mlflow import: cheap).
+    Returns the URI without credentials (they travel in MLflow's environment variables)."""
     uri = resolve_uri(tracking)
     scheme = urllib.parse.urlsplit(uri).scheme
     if not uri:
@@ -82,7 +89,6 @@ def connect(tracking: DictConfig) -> str:
         _check_sqlite(uri)
     if scheme in ("sqlite", "file", "") and tracking.get("artifact_root"):
         _check_folder(Path(tracking.artifact_root), "tracking.artifact_root")
-    mlflow.set_tracking_uri(uri)
     return uri
 
 
