@@ -94,8 +94,8 @@ def run_training(cfg: DictConfig) -> float:
     except Exception as e:
         if _store_gone(e):
             if job.in_sweep:
-                fail(f"{describe(e)}. The sweep stops here; jobs that finished are safe in the "
-                     "store. Run the same command again once the store is back to resume.", 3)  # fmt: skip
+                fail(f"{describe(e)}. The sweep stops here; finished jobs are safe in the store. "
+                     "Run the same command again once the store is back to resume.", 3)  # fmt: skip
             if isinstance(e, EquipError):  # before any work: a setting to fix
                 fail(str(e), 2)
             fail(f"the tracking store went away during the run ({describe(e)}). Run the same "
