@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 import equip.store
 from equip.errors import EquipError
@@ -56,11 +57,14 @@ def test_train_records_a_complete_run(store: str):
     [logged] = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id
     pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+    files = write_pngs(Path("imgs"), 6)
+    with pytest.raises(MlflowException, match="row 0: not base64.*file paths are off"):
+        pyfunc.predict(pd.DataFrame({"image": [str(files[0])]}))  # paths need an image root
+    pyfunc = mlflow.pyfunc.load_model(logged.model_uri, model_config={"image_root": "imgs"})
     ckpt_file = mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/checkpoints/best.ckpt"
     )
     ckpt = Classifier.load_from_checkpoint(ckpt_file).eval()
-    files = write_pngs(Path("imgs"), 6)
     by_path = pyfunc.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     by_b64 = pyfunc.predict(
         pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
