@@ -90,8 +90,11 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     files: list[tuple[Path, int]] = []
     empty = []
     for idx, d in enumerate(class_dirs):
+        # A broken or looping symlink is kept: reading it fails, so it is counted as skipped.
         found = sorted(
-            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p
+            for p in d.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not found:
             empty.append(d.name)
@@ -131,6 +134,9 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
                 arr = np.load(cached)
             except (OSError, ValueError):  # torn write by a killed process: decode again
                 arr = None
+            if arr is not None and (arr.shape != (3, image_size, image_size)
+                                    or arr.dtype != np.uint8):  # fmt: skip
+                arr = None  # a foreign or damaged entry: decode again and overwrite it
         if arr is None:
             try:
                 with Image.open(io.BytesIO(raw)) as img:

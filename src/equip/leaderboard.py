@@ -20,6 +20,7 @@ from rich.table import Table
 
 from equip import schema, store, tracking
 from equip.errors import EquipError
+from equip.redaction import strip_secrets
 
 METRICS = schema.FINAL_METRICS
 
@@ -206,7 +207,8 @@ def print_board(board: dict[str, Any]) -> None:
         out.print(", ".join(f"{k.removeprefix('jobs_')}: {v}" for k, v in counts.items()))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """python -m equip.leaderboard: 0 when the board is shown, 2 with one line otherwise."""
     ap = argparse.ArgumentParser(prog="python -m equip.leaderboard",
                                  description="Print a sweep's leaderboard.")  # fmt: skip
     ap.add_argument("parent", nargs="?", default="latest", help="parent run id, or 'latest'")
@@ -214,12 +216,25 @@ def main(argv: list[str] | None = None) -> None:
                     "else sqlite:///mlflow.db in this folder")  # fmt: skip
     ap.add_argument("--experiment", default="equip")
     args = ap.parse_args(argv)
+    try:
+        print_board(dict(zip(("parent", "rows", "keys"), _load(args), strict=True)))
+    except EquipError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]equip: error:[/] {e}",
+                                                   highlight=False)  # fmt: skip
+        return 2
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str]]:
     uri = args.tracking_uri or store.default_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise SystemExit(f"equip: error: no MLflow store at {uri}; run a sweep first or pass "
-                         "--tracking-uri.")  # fmt: skip
+        raise EquipError(f"no MLflow store at {uri}; run a sweep first or pass --tracking-uri.")
+    if uri.startswith(("http://", "https://")) and not store.reachable(uri):
+        raise EquipError(f"the MLflow server {strip_secrets(uri)} is unreachable; start it or "
+                         "pass another --tracking-uri.")  # fmt: skip
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -231,13 +246,20 @@ def main(argv: list[str] | None = None) -> None:
             order_by=["attributes.start_time DESC"], max_results=1,
         ) if exp else []  # fmt: skip
         if not runs:
-            raise SystemExit(f"equip: error: no sweep in experiment {args.experiment!r} at {uri}.")
+            raise EquipError(f"no sweep in experiment {args.experiment!r} at {uri}.")
         parent = runs[0].info.run_id
-    print_board(dict(zip(("parent", "rows", "keys"), leaderboard(parent), strict=True)))
+    try:
+        run = client.get_run(parent)
+    except MlflowException:
+        raise EquipError(f"no run {parent!r} at {strip_secrets(uri)}; give a sweep's parent run "
+                         "id or 'latest'.") from None  # fmt: skip
+    if schema.SWEEP_KEY not in run.data.tags:
+        raise EquipError(f"run {parent} ({run.info.run_name}) is a single run, not a sweep's "
+                         "parent; give a parent run id (the MLflow UI nests its jobs under it) "
+                         "or 'latest'.")  # fmt: skip
+    store.reap_stale_runs(run.info.experiment_id)  # a crashed job shows as KILLED, not RUNNING
+    return leaderboard(parent)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EquipError as e:
-        raise SystemExit(f"equip: error: {e}") from None
+    sys.exit(main())

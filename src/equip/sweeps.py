@@ -209,4 +209,4 @@ if __name__ == "__main__":
     from equip.leaderboard import main
 
     args = sys.argv[1:]
-    main(args[1:] if args[:1] == ["report"] else args)
+    sys.exit(main(args[1:] if args[:1] == ["report"] else args))
