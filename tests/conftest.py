@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -28,9 +29,11 @@ TINY = [
 def _no_tracking_uri_leaks():
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which would steer later tests and
     their subprocesses to an earlier test's store."""
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(name, None)
     yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture
@@ -52,42 +55,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real `mlflow server` on 127.0.0.1 with its own temp store; yields its URI."""
-    import subprocess
-    import sys
+def start_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port with its store in `folder` (reused when the
+    same folder is given again: a restarted server). Returns once it answers."""
     import time
     import urllib.request
 
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    log = open(store / "server.log", "w")  # noqa: SIM115  # lives as long as the server
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "server.log", "a")  # noqa: SIM115  # lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers die with it
     )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            return proc
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError((store / "server.log").read_text()[-3000:]) from None
+                stop_process(proc)
+                raise RuntimeError((folder / "server.log").read_text()[-3000:]) from None
             time.sleep(0.3)
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session=True and everything it started."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on 127.0.0.1 with its own temp store; yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(port, tmp_path / "server")
+    yield f"http://127.0.0.1:{port}"
+    stop_process(proc)
 
 
 # ---------------------------------------------------------------- shared helpers

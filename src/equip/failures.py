@@ -26,6 +26,8 @@ def was_stopped_by_user(error: BaseException) -> bool:
 
 
 def describe(error: BaseException) -> str:
+    if was_stopped_by_user(error):
+        return "stopped by the user (Ctrl-C or a termination signal)"
     return strip_secrets(f"{type(error).__name__}: {error}")
 
 
