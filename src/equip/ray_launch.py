@@ -57,14 +57,12 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from equip import tracking
+from equip import schema, store
 from equip.errors import EquipError
+from equip.job import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
-# The names the sweep callback exports and every job reads (equip.sweeps / equip.job).
-PARENT_ENV = "EQUIP_PARENT_RUN_ID"
-SWEPT_ENV = "EQUIP_SWEPT_KEYS"
 NODE_TAG = "equip.ray_node_id"
 LOST_NODE = "lost with its Ray node or worker process"
 
@@ -136,7 +134,7 @@ def start(config: DictConfig, warm_up: bool = True) -> dict[str, Any]:
     """Check the store against the cluster, connect, and start the sweep's workers."""
     ray_cfg = config.hydra.launcher.ray
     try:
-        uri = tracking.resolve_uri(config.tracking)
+        uri = store.resolve_uri(config.tracking)
     except EquipError as e:
         _refuse(str(e))
     host = address_host(OmegaConf.select(ray_cfg, "init.address"))
@@ -234,7 +232,7 @@ def launch(
     session = _session or start(config, warm_up=False)  # no callback: set up here
     import ray
 
-    uri = tracking.connect(config.tracking)
+    uri = store.connect(config.tracking)
     assert uri == session["uri"], f"{uri} != {session['uri']}"
     # The driver's `now` is cached; a worker would compute its own: fix the folder here.
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
@@ -299,11 +297,9 @@ def fail_orphans(parent_id: str | None) -> int:
 
     client = MlflowClient()
     exp = client.get_run(parent_id).info.experiment_id
-    orphans = client.search_runs(
-        [exp], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
-    )
+    orphans = client.search_runs([exp], schema.children_of(parent_id, "RUNNING"))
     for run in orphans:
-        client.set_tag(run.info.run_id, "equip.error", f"{LOST_NODE}; rerun on resume")
+        client.set_tag(run.info.run_id, schema.ERROR, f"{LOST_NODE}; rerun on resume")
         client.set_terminated(run.info.run_id, "FAILED")
     return len(orphans)
 
@@ -338,11 +334,7 @@ def _plain(node: Any) -> dict[str, Any]:
 def _continue_on_failure(config: DictConfig | None) -> bool:
     if config is None:
         return True
-    for key in ("multirun.continue_on_failure", "sweep.continue_on_failure"):
-        value = OmegaConf.select(config, key, default=None)
-        if value is not None:
-            return bool(value)
-    return True
+    return bool(OmegaConf.select(config, "multirun.continue_on_failure", default=True))
 
 
 def _completed(overrides: Sequence[str], value: Any) -> JobReturn:
