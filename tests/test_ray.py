@@ -1,0 +1,222 @@
+"""`hydra/launcher=ray` on a real 2-node Ray cluster on this machine, against a real MLflow server.
+
+The cluster is Ray's own test cluster (ray.cluster_utils.Cluster): a head and a worker node, each a
+separate raylet with 1 CPU. (Ray rewrites 127.0.0.1 in an address to the machine's own IP, so the
+nodes listen there; everything stays on this machine.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from mlflow import MlflowClient  # noqa: E402
+
+from equip import ray_launch  # noqa: E402
+from tests.conftest import ROOT, TINY, free_port  # noqa: E402
+
+FAST = [*TINY, "tracking.log_model=false"]
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head node (1 CPU); tests add and remove worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    # Workers start from the raylets' environment: make this checkout importable there too.
+    # Token auth off for cluster and sweeps alike, whether or not ~/.ray/auth_token exists.
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_MODE")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "src"), saved["PYTHONPATH"]])
+    )
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 80 * MB, "include_dashboard": False,
+                        # a lost node is noticed in ~2 s instead of ~15 s
+                        "_system_config": {"health_check_period_ms": 500,
+                                           "health_check_failure_threshold": 3}},
+    )  # fmt: skip
+    yield c
+    c.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
+    """A real `mlflow server` for the module (each test logs to its own experiment), started
+    first so that it boots while the Ray cluster starts."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = open(folder / "server.log", "w")  # noqa: SIM115  # lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    yield proc, f"http://127.0.0.1:{port}", folder / "server.log"
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(server_process, cluster):
+    """The server's URI, once it answers."""
+    proc, uri, log = server_process
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+            return uri
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def worker(cluster):
+    node = cluster.add_node(num_cpus=1, object_store_memory=80 * MB)
+    cluster.wait_for_nodes()
+    yield node
+    if node in cluster.worker_nodes:
+        cluster.remove_node(node)
+
+
+def ray_sweep(*args: str, cwd: Path, wait: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=ray", *FAST, *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def parent_and_children(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = client.search_runs([exp], "tags.`equip.sweep_key` != ''")
+    children = client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )  # fmt: skip
+    return parent, children
+
+
+@pytest.mark.slow
+def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, server, cluster, worker):
+    address = f"hydra.launcher.ray.init.address={cluster.address}"
+    proc = ray_sweep("sweep=smoke", address, f"tracking.uri={server}", "tracking.experiment=smoke",
+                     cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(server)
+    parent, children = parent_and_children(client, "smoke")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep smoke"
+    assert "RayLauncher" in parent.data.tags["equip.launcher"]
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["equip.config_hash"] for c in children}) == 4
+    for c in children:
+        assert len(c.data.params) > 40 and c.data.params["data.image_size"] == "32"
+        assert len(client.get_metric_history(c.info.run_id, "val_acc")) == 2
+        assert c.data.metrics["best_val_acc"] >= 0 and c.data.metrics["train_time_s"] > 0
+    nodes = {c.data.tags["equip.ray_node_id"] for c in children}
+    assert nodes == {cluster.head_node.node_id, worker.node_id}
+    assert parent.data.metrics["jobs_finished"] == 4
+    assert "rank" in proc.stdout and "filters=32-64 lr=0.003" in proc.stdout
+    assert "done filters=" in proc.stderr  # the jobs' lines reach the driver's terminal
+
+
+@pytest.mark.slow
+def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
+    tmp_path, server, cluster, worker
+):
+    # 3 jobs on 2 one-CPU nodes: one on each node, one queued until a node is free.
+    args = (
+        "model.filters=[4],[8],[4,8]", "trainer.max_epochs=20", "trainer.patience=0",
+        f"hydra.launcher.ray.init.address={cluster.address}", f"tracking.uri={server}",
+        "tracking.experiment=lost_node",
+    )  # fmt: skip
+    client = MlflowClient(server)
+    proc = ray_sweep(*args, cwd=tmp_path, wait=False)
+    deadline = time.time() + 120
+    on_worker = []
+    while not on_worker:  # a job is training on the worker node: that node goes down now
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+        with contextlib.suppress(Exception):  # the experiment does not exist yet
+            on_worker = client.search_runs(
+                [client.get_experiment_by_name("lost_node").experiment_id],
+                "attributes.status = 'RUNNING' and "
+                f"tags.`equip.ray_node_id` = '{worker.node_id}'",
+            )  # fmt: skip
+    cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: the machine is gone
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    parent, children = parent_and_children(client, "lost_node")
+    lost = client.get_run(on_worker[0].info.run_id)
+    # Ended by the launcher (FAILED: lost with its node) or, on this one-host cluster, first by
+    # the next job's check for runs whose process is gone (KILLED): never left RUNNING.
+    assert (lost.info.status, lost.data.tags["equip.error"].split(";")[0]) in {
+        ("FAILED", "lost with its Ray node or worker process"),
+        (
+            "KILLED",
+            f"its process {lost.data.tags['equip.pid']} on {socket.gethostname()} is gone "
+            "(killed or crashed)",
+        ),
+    }
+    others = [c for c in children if c.info.run_id != lost.info.run_id]
+    assert len(others) == 2 and all(c.info.status == "FINISHED" for c in others)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_failed"] == 1
+    assert "lost with its Ray node or worker process" in err
+
+    rerun = ray_sweep(*args, cwd=tmp_path)  # the same command: only the lost job runs again
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    parent, children = parent_and_children(client, "lost_node")
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 3 and len({c.data.tags["equip.config_hash"] for c in finished}) == 3
+    assert {c.info.run_id for c in others} <= {c.info.run_id for c in finished}
+    assert rerun.stderr.count("already FINISHED as run") == 2
+    redone = next(c for c in finished if c.data.tags["equip.config_hash"]
+                  == lost.data.tags["equip.config_hash"])  # fmt: skip
+    assert redone.data.tags["equip.ray_node_id"] == cluster.head_node.node_id
+    assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_skipped"] == 2
+
+
+def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path: Path):
+    proc = ray_sweep("model.lr=0.001,0.003", "hydra.launcher.ray.init.address=203.0.113.7:6379",
+                     cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("equip: error: tracking store sqlite:///")
+    assert "203.0.113.7" in line and "use an mlflow server URI: mlflow server --host" in line
+    assert "tracking.uri=http://" in line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_which_stores_and_addresses_are_local():
+    assert ray_launch.is_local_store("sqlite:////tmp/mlflow.db")
+    assert ray_launch.is_local_store("file:///tmp/mlruns") and ray_launch.is_local_store("mlruns")
+    assert not ray_launch.is_local_store("http://10.0.0.5:5000")
+    assert ray_launch.address_host(None) is None and ray_launch.address_host("auto") is None
+    assert ray_launch.address_host("ray://10.0.0.7:10001") == "10.0.0.7"
+    assert ray_launch.address_host("10.0.0.7:6379") == "10.0.0.7"
+    assert ray_launch.is_local_host("127.0.0.1") and ray_launch.is_local_host("localhost")
+    assert not ray_launch.is_local_host("203.0.113.7")
+    assert ray_launch.store_refusal("sqlite:////tmp/x.db", ["127.0.0.1"]) is None
+    assert ray_launch.store_refusal("http://10.0.0.5:5000", ["203.0.113.7"]) is None
+    assert "mlflow server" in ray_launch.store_refusal("sqlite:////tmp/x.db", ["203.0.113.7"])
