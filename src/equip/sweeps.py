@@ -160,6 +160,9 @@ class SweepTracker(Callback):
                 for point, why in bad:
                     console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
                 raise SystemExit(2)
+        if config.hydra.launcher.get("dry_run"):  # a launcher that only writes job files
+            os.environ[SWEPT_ENV] = ",".join(swept_keys(config))  # no store, no parent run
+            return
         try:
             tracking.connect(config.tracking)
         except EquipError as e:
