@@ -152,3 +152,199 @@ def test_without_credentials_nothing_is_submitted(tmp_path: Path):
     result = train(tmp_path, "-m", "model.lr=0.001,0.01", *LAUNCHER, *WORKSPACE)
     assert "no usable Azure credentials: sign in with `az login`" in one_error_line(result)
     assert not (tmp_path / "network.log").exists()
+
+
+# ---------------------------------------------------------------- submission, on a stand-in service
+class FakeAzureML:
+    """Azure ML's job service as the launcher sees it (create_or_update, get, begin_cancel), on
+    this machine. The jobs are the real SDK's CommandJob objects. A job goes Queued -> Running ->
+    Completed; when it runs, either its command really runs here (run_commands=True: a copy of
+    the project as the code snapshot, the job's environment variables, MLflow pointed at the
+    test's store and MLFLOW_RUN_ID at a run standing for the one Azure ML creates per job), or
+    the child run the job would log is written directly (fast)."""
+
+    def __init__(self, store: str, code: Path | None = None, fail: tuple[str, ...] = (),
+                 interrupt_on_poll: bool = False):  # fmt: skip
+        self.jobs, self.store, self.code, self.fail = self, store, code, fail
+        self.interrupt_on_poll = interrupt_on_poll
+        self.submitted: dict[str, object] = {}
+        self.states: dict[str, list[str]] = {}
+        self.cancelled: list[str] = []
+        self.most_active = 0
+
+    def create_or_update(self, job):
+        from types import SimpleNamespace
+
+        self.submitted[job.name] = job
+        self.states[job.name] = ["Queued", "Running", "Completed"]
+        active = sum(s[0] not in ("Completed", "Failed") for s in self.states.values())
+        self.most_active = max(self.most_active, active)
+        return SimpleNamespace(status="Queued", studio_url=f"https://ml.azure.com/runs/{job.name}")
+
+    def get(self, name: str):
+        from types import SimpleNamespace
+
+        if self.interrupt_on_poll:
+            raise KeyboardInterrupt
+        states = self.states[name]
+        if len(states) > 1:
+            states.pop(0)
+        if states[0] == "Completed":
+            states[0] = self._run(self.submitted[name])
+        return SimpleNamespace(status=states[0])
+
+    def begin_cancel(self, name: str):
+        self.cancelled.append(name)
+
+    def _run(self, job) -> str:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.store)
+        env = dict(job.environment_variables)
+        if self.code is None:
+            if any(f in job.command for f in self.fail):
+                return "Failed"
+            exp = client.get_experiment_by_name("equip").experiment_id
+            tags = {**json.loads(env["MLFLOW_RUN_CONTEXT"]),
+                    "mlflow.parentRunId": env["EQUIP_PARENT_RUN_ID"]}  # fmt: skip
+            run = client.create_run(exp, run_name=job.display_name, tags=tags)
+            lr = float(next(a for a in shlex.split(job.command) if a.startswith("model.lr="))[9:])
+            client.log_metric(run.info.run_id, "best_val_loss", lr * 100)
+            client.log_metric(run.info.run_id, "best_val_acc", 1 - lr)
+            client.set_terminated(run.info.run_id, "FINISHED")
+            return "Completed"
+        job_exp = client.get_experiment_by_name("equip-jobs")
+        job_exp = job_exp.experiment_id if job_exp else client.create_experiment("equip-jobs")
+        job_run = client.create_run(job_exp, run_name=job.name).info.run_id
+        env.update(MLFLOW_TRACKING_URI=self.store, MLFLOW_RUN_ID=job_run, PATH=os.environ["PATH"],
+                   HOME=os.environ.get("HOME", "/root"))  # fmt: skip
+        argv = [sys.executable if a == "python" else a for a in shlex.split(job.command)]
+        done = subprocess.run(argv, cwd=self.code, env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return "Completed"
+
+
+def launcher_for(store: str, *overrides: str):
+    """The launcher as Hydra sets it up for `python train.py -m ... hydra/launcher=azureml`, and
+    the sweep's parent run (what SweepTracker makes)."""
+    import inspect
+
+    import mlflow
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.utils import setup_globals
+    from hydra.types import HydraContext
+    from mlflow import MlflowClient
+    from omegaconf import OmegaConf
+
+    import train as train_script
+    from equip.azureml_launch import AzureMLLauncher
+
+    setup_globals()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*LAUNCHER, *WORKSPACE, *overrides],
+                      return_hydra_config=True)  # fmt: skip
+    settings = OmegaConf.to_container(cfg.hydra.launcher)
+    settings.pop("_target_")
+    launcher = AzureMLLauncher(**{**settings, "poll_s": 0})
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
+    launcher.setup(hydra_context=HydraContext(config_loader=loader, callbacks=None),
+                   task_function=inspect.unwrap(train_script.main), config=cfg)  # fmt: skip
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("equip")
+    exp = exp.experiment_id if exp else client.create_experiment("equip")
+    parent = client.search_runs([exp], "tags.`equip.sweep_key` = 'test'")
+    if parent:
+        parent_id = parent[0].info.run_id
+    else:
+        parent_id = client.create_run(exp, tags={"equip.sweep_key": "test"}).info.run_id
+    os.environ["EQUIP_PARENT_RUN_ID"] = parent_id
+    os.environ["EQUIP_SWEPT_KEYS"] = "model.lr"
+    return launcher, parent_id
+
+
+@pytest.fixture
+def sweep_env(monkeypatch):
+    monkeypatch.delenv("EQUIP_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("EQUIP_SWEPT_KEYS", raising=False)
+    yield
+    os.environ.pop("EQUIP_PARENT_RUN_ID", None)
+    os.environ.pop("EQUIP_SWEPT_KEYS", None)
+
+
+def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_path, sweep_env,
+                                                                    capsys):  # fmt: skip
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import TINY
+
+    code = tmp_path / "code"  # what Azure ML unpacks from the uploaded snapshot
+    for part in ("train.py", "pyproject.toml"):
+        shutil.copy(ROOT / part, code / part if code.exists() else code.mkdir() or code / part)
+    for part in ("conf", "sweeps", "src"):
+        shutil.copytree(ROOT / part, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+    launcher, parent = launcher_for(store, "hydra.launcher.max_concurrent=1")
+    service = FakeAzureML(store, code=code)
+    launcher._client = service
+    points = [[*TINY, "tracking.log_model=false", f"model.lr={lr}"] for lr in (0.001, 0.003)]
+    returns = launcher.launch(points, initial_job_idx=0)
+
+    assert service.most_active == 1  # max_concurrent
+    client = MlflowClient(store)
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(c.info.run_name for c in children) == ["filters=32-64 lr=0.001",
+                                                         "filters=32-64 lr=0.003"]  # fmt: skip
+    by_job = {c.data.tags["equip.azureml_job"]: c for c in children}
+    assert set(by_job) == set(service.submitted)
+    for ret, name in zip(returns, service.submitted, strict=True):
+        assert ret.return_value == by_job[name].data.metrics["best_val_acc"]  # monitor: val_acc
+    err = capsys.readouterr().err
+    for name in service.submitted:  # one line per state change, with the Studio URL
+        for state in ("Queued", "Running", "Completed"):
+            assert f": {state}  https://ml.azure.com/runs/{name}" in err
+    # The run Azure ML makes for each job stays empty: training made a child of the parent.
+    job_runs = client.search_runs([client.get_experiment_by_name("equip-jobs").experiment_id])
+    assert len(job_runs) == 2 and not any(r.data.metrics for r in job_runs)
+
+
+def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
+    over = ["trainer.monitor=val_loss", "trainer.monitor_mode=min"]
+    points = [[*over, f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)]
+    launcher, _ = launcher_for(store)
+    launcher._client = service = FakeAzureML(store, fail=("model.lr=0.003",))
+    returns = launcher.launch(points, initial_job_idx=0)
+    values = [r.return_value for r in returns]
+    assert values[:2] == pytest.approx([-0.1, -0.2])  # val_loss, negated for the sweeper
+    assert values[2] != values[2]  # NaN: failed, and the sweep goes on
+    assert "job failed" in capsys.readouterr().err
+
+    # Resumed: finished jobs are not submitted again; the failed one is.
+    launcher, _ = launcher_for(store)
+    launcher._client = service = FakeAzureML(store)
+    returns = launcher.launch(points, initial_job_idx=0)
+    assert len(service.submitted) == 1
+    assert "model.lr=0.003" in next(iter(service.submitted.values())).command
+    assert [r.return_value for r in returns] == pytest.approx([-0.1, -0.2, -0.3])
+    assert capsys.readouterr().err.count("already FINISHED as run") == 2
+
+    launcher, _ = launcher_for(store)
+    launcher._client = FakeAzureML(store, fail=("model.lr=0.004",))
+    point = [*over, "sweep.continue_on_failure=false", "model.lr=0.004"]
+    (ret,) = launcher.launch([point], initial_job_idx=3)
+    with pytest.raises(RuntimeError, match="ended Failed"):
+        _ = ret.return_value  # Hydra's sweeper raises it and the sweep stops
+
+
+def test_ctrl_c_cancels_submitted_jobs(store, sweep_env, capsys):
+    launcher, _ = launcher_for(store, "hydra.launcher.max_concurrent=2")
+    launcher._client = service = FakeAzureML(store, interrupt_on_poll=True)
+    with pytest.raises(KeyboardInterrupt):
+        launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
+    assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
+    assert "cancelled 2 Azure ML job(s); 1 were never submitted" in capsys.readouterr().err

@@ -54,6 +54,7 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
+from rich.markup import escape
 
 from equip import sweeps, tracking
 from equip.errors import EquipError
@@ -140,7 +141,7 @@ class AzureMLLauncher(Launcher):
         try:
             return self._launch(job_overrides, initial_job_idx)
         except EquipError as e:
-            console.print(f"[bold red]equip: error:[/] {e}")
+            console.print(f"[bold red]equip: error:[/] {escape(str(e))}")
             raise SystemExit(2) from None
 
     def _launch(
@@ -187,7 +188,8 @@ class AzureMLLauncher(Launcher):
         name = f"equip-{self._tag}-{idx:03d}"
         display = tracking.run_name(cfg, sweeps.job_name_overrides(overrides))
         inputs: dict[str, Any] = {}
-        data_path, local = data_input(cfg, Path(str(cfg.hydra.runtime.cwd)))
+        cwd = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None) or os.getcwd()
+        data_path, local = data_input(cfg, Path(str(cwd)))
         if data_path is not None:
             inputs["data"] = Input(type="uri_folder", path=data_path, mode=self.data_mode)
         key = launch_key(overrides, local or data_path)
@@ -273,7 +275,8 @@ class AzureMLLauncher(Launcher):
                 except Exception as e:
                     if type(e).__name__ != "ResourceNotFoundError":
                         raise
-                    console.print(f"uploading {local} as data asset {name}:{version} (once)")
+                    where = escape(str(local))
+                    console.print(f"uploading {where} as data asset {name}:{version} (once)")
                     asset = client.data.create_or_update(Data(
                         name=name, version=version, path=str(local), type="uri_folder",
                         description=f"equip data.root={local}"))  # fmt: skip
@@ -293,14 +296,14 @@ class AzureMLLauncher(Launcher):
         for j in jobs:
             twin = finished.get(j.launch_key) if setting(j.cfg, "resume", True) else None
             if twin is not None:
-                console.print(f"[yellow]skipped[/] {j.display_name}: already FINISHED as run "
-                              f"{twin.info.run_id}")  # fmt: skip
+                console.print(f"[yellow]skipped[/] {escape(j.display_name)}: already FINISHED "
+                              f"as run {twin.info.run_id}")  # fmt: skip
                 j.result = job_return(j, monitored(j.cfg, twin), JobStatus.COMPLETED, sweep_dir)
             else:
                 if j.local_data is not None:
                     j.job.inputs["data"].path = self._data_asset(client, j.local_data)
                 todo.append(j)
-        total, waiting, active = len(todo), list(todo), []
+        waiting, active = list(todo), []
         try:
             while waiting or active:
                 while waiting and len(active) < self.max_concurrent:
@@ -308,14 +311,14 @@ class AzureMLLauncher(Launcher):
                     with azure_errors(f"job {j.name}"):
                         created = client.jobs.create_or_update(j.job)
                     j.url = getattr(created, "studio_url", "") or ""
-                    self._report(j, created.status or "Submitted", total)
+                    self._report(j, created.status or "Submitted")
                     active.append(j)
                 time.sleep(self.poll_s)
                 for j in list(active):
                     with azure_errors(f"job {j.name}"):
                         status = client.jobs.get(j.name).status
                     if status != j.status:
-                        self._report(j, status, total)
+                        self._report(j, status)
                     if status in TERMINAL:
                         active.remove(j)
                         j.result = self._collect(j, mlflow_client, exp_id, parent, sweep_dir)
@@ -324,15 +327,15 @@ class AzureMLLauncher(Launcher):
                 try:
                     client.jobs.begin_cancel(j.name)
                 except Exception as e:  # best effort: say which one is still running
-                    console.print(f"could not cancel {j.name}: {e} ({j.url})")
+                    console.print(f"could not cancel {j.name}: {escape(str(e))} ({j.url})")
             console.print(f"[bold red]interrupted:[/] cancelled {len(active)} Azure ML job(s); "
                           f"{len(waiting)} were never submitted")  # fmt: skip
             raise
         return [j.result for j in jobs if j.result is not None]
 
-    def _report(self, j: AzureJob, status: str, total: int) -> None:
+    def _report(self, j: AzureJob, status: str) -> None:
         j.status = status
-        console.print(f"[azureml] job {j.idx} ({total} to run) {j.display_name}: {status}  {j.url}")
+        console.print(f"\\[azureml] #{j.idx} {escape(j.display_name)}: {status}  {j.url}")
 
     def _collect(
         self, j: AzureJob, mlflow_client: Any, exp_id: str, parent: str, sweep_dir: Path
@@ -345,15 +348,16 @@ class AzureMLLauncher(Launcher):
         run = runs[0] if runs else None
         if j.status == "Completed" and run is not None and run.info.status == "FINISHED":
             value = monitored(j.cfg, run)
-            console.print(f"[bold green]done[/] {j.display_name}: best_{j.cfg.trainer.monitor} "
-                          f"{run.data.metrics.get(f'best_{j.cfg.trainer.monitor}', math.nan):.4f}"
-                          f" (run {run.info.run_id})")  # fmt: skip
+            metric = f"best_{j.cfg.trainer.monitor}"
+            score = run.data.metrics.get(metric, math.nan)
+            console.print(f"[bold green]done[/] {escape(j.display_name)}: {metric} {score:.4f} "
+                          f"(run {run.info.run_id})")  # fmt: skip
             return job_return(j, value, JobStatus.COMPLETED, sweep_dir)
         why = f"Azure ML job {j.name} ended {j.status}" + (
             f", its run is {run.info.status}" if run is not None else ", it recorded no run"
         )
         if setting(j.cfg, "continue_on_failure", True):
-            console.print(f"[bold red]job failed[/] (the sweep goes on): {why}  {j.url}")
+            console.print(f"[bold red]job failed[/] (the sweep goes on): {escape(why)}  {j.url}")
             return job_return(j, math.nan, JobStatus.COMPLETED, sweep_dir)
         return job_return(j, RuntimeError(f"{why}: {j.url}"), JobStatus.FAILED, sweep_dir)
 
