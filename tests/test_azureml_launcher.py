@@ -151,6 +151,7 @@ def test_a_sweep_on_azure_must_log_to_the_workspace(tmp_path: Path):
 def test_without_credentials_nothing_is_submitted(tmp_path: Path):
     result = train(tmp_path, "-m", "model.lr=0.001,0.01", *LAUNCHER, *WORKSPACE)
     assert "no usable Azure credentials: sign in with `az login`" in one_error_line(result)
+    assert "DefaultAzureCredential" not in result.stdout  # azure-identity's own log stays quiet
     assert not (tmp_path / "network.log").exists()
 
 

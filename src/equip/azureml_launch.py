@@ -34,6 +34,7 @@ torch, lightning and azure-ai-ml are imported only when a sweep launches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -157,6 +158,7 @@ class AzureMLLauncher(Launcher):
                 'hydra/launcher=azureml needs the Azure extra: pip install -e ".[azure]"'
             ) from None
         logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+        logging.getLogger("azure.identity").setLevel(logging.ERROR)  # failures: one line below
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         project = project_root(self.task_function)
@@ -304,6 +306,9 @@ class AzureMLLauncher(Launcher):
                     j.job.inputs["data"].path = self._data_asset(client, j.local_data)
                 todo.append(j)
         waiting, active = list(todo), []
+        if todo:
+            console.print(f"submitting {len(todo)} job(s) to Azure ML compute {self.compute}, "
+                          f"{self.max_concurrent} at a time")  # fmt: skip
         try:
             while waiting or active:
                 while waiting and len(active) < self.max_concurrent:
@@ -346,6 +351,8 @@ class AzureMLLauncher(Launcher):
             max_results=1,
         )
         run = runs[0] if runs else None
+        if run is None and j.status == "Completed":  # skipped inside the job: a FINISHED twin
+            run = finished_children(mlflow_client, exp_id, parent).get(j.launch_key)
         if j.status == "Completed" and run is not None and run.info.status == "FINISHED":
             value = monitored(j.cfg, run)
             metric = f"best_{j.cfg.trainer.monitor}"
@@ -454,6 +461,7 @@ def data_input(cfg: DictConfig, cwd: Path) -> tuple[str | None, Path | None]:
     return str(local), local
 
 
+@functools.lru_cache(maxsize=16)
 def folder_fingerprint(folder: Path) -> str:
     """Cheap identity of a folder's content: relative paths, sizes and modification times."""
     h = hashlib.sha256()
