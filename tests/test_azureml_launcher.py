@@ -165,9 +165,9 @@ class FakeAzureML:
     the child run the job would log is written directly (fast)."""
 
     def __init__(self, store: str, code: Path | None = None, fail: tuple[str, ...] = (),
-                 interrupt_on_poll: bool = False):  # fmt: skip
+                 interrupt_on_poll: bool = False, refuse_after: int | None = None):  # fmt: skip
         self.jobs, self.store, self.code, self.fail = self, store, code, fail
-        self.interrupt_on_poll = interrupt_on_poll
+        self.interrupt_on_poll, self.refuse_after = interrupt_on_poll, refuse_after
         self.submitted: dict[str, object] = {}
         self.states: dict[str, list[str]] = {}
         self.cancelled: list[str] = []
@@ -176,6 +176,10 @@ class FakeAzureML:
     def create_or_update(self, job):
         from types import SimpleNamespace
 
+        if self.refuse_after is not None and len(self.submitted) >= self.refuse_after:
+            from azure.core.exceptions import HttpResponseError
+
+            raise HttpResponseError("(QuotaExceeded) the cluster's core quota is used up")
         self.submitted[job.name] = job
         self.states[job.name] = ["Queued", "Running", "Completed"]
         active = sum(s[0] not in ("Completed", "Failed") for s in self.states.values())
@@ -349,3 +353,14 @@ def test_ctrl_c_cancels_submitted_jobs(store, sweep_env, capsys):
         launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
     assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
     assert "cancelled 2 Azure ML job(s); 1 were never submitted" in capsys.readouterr().err
+
+
+def test_a_refused_submission_cancels_the_others_and_is_one_line(store, sweep_env, capsys):
+    launcher, _ = launcher_for(store, "hydra.launcher.max_concurrent=3")
+    launcher._client = service = FakeAzureML(store, refuse_after=2)
+    with pytest.raises(SystemExit) as stop:
+        launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
+    assert stop.value.code == 2
+    assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
+    err = capsys.readouterr().err
+    assert "equip: error: Azure ML refused job equip-" in err and "QuotaExceeded" in err

@@ -327,13 +327,14 @@ class AzureMLLauncher(Launcher):
                     if status in TERMINAL:
                         active.remove(j)
                         j.result = self._collect(j, mlflow_client, exp_id, parent, sweep_dir)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, EquipError) as stop:  # Ctrl-C, or Azure refused something
             for j in active:
                 try:
                     client.jobs.begin_cancel(j.name)
                 except Exception as e:  # best effort: say which one is still running
                     console.print(f"could not cancel {j.name}: {escape(str(e))} ({j.url})")
-            console.print(f"[bold red]interrupted:[/] cancelled {len(active)} Azure ML job(s); "
+            why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped"
+            console.print(f"[bold red]{why}:[/] cancelled {len(active)} Azure ML job(s); "
                           f"{len(waiting)} were never submitted")  # fmt: skip
             raise
         return [j.result for j in jobs if j.result is not None]
