@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,11 @@ def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
     assert len(files) == 24
     assert f"job files in {files[0].parent}/*.azureml.yaml" in result.stderr
 
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    azure = [d for d in meta["optional-dependencies"]["azure"] if not d.startswith("azure-ai-ml")]
     expected_pip = pip_requirements(ROOT)
-    assert "mlflow==3.15.0" in expected_pip and not any("azure-ai-ml" in p for p in expected_pip)
+    assert expected_pip == meta["dependencies"] + azure  # the pins, from pyproject.toml only
+    assert "mlflow==3.15.0" in expected_pip and any("azureml-mlflow" in p for p in expected_pip)
     points = set()
     for f in files:
         job = load_job(f)  # the SDK's own schema accepts the file as it is
@@ -106,6 +110,26 @@ def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
     grid = itertools.product(["[32,64]", "[32,64,128]", "[16,32,64,128]"], ["3", "5"],
                              ["[]", "[128]"], ["False", "True"])  # fmt: skip
     assert points == set(grid)
+
+
+def test_an_optuna_sweep_gets_one_job_per_trial_each_a_single_trial_on_the_cluster(tmp_path):
+    result = train(tmp_path, "-m", "sweep=learning_rate", "hydra.sweeper.n_trials=2", *LAUNCHER,
+                   "hydra.launcher.dry_run=true", *WORKSPACE)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [load_job(f) for f in job_files(tmp_path)]
+    assert len(jobs) == 2
+    for job in jobs:
+        argv = shlex.split(job.command)
+        assert {
+            "sweep=learning_rate",
+            "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.params=null",
+        } <= set(argv)
+        assert {a.split("=")[0] for a in argv if a.startswith(("model.", "data."))} == {
+            "model.lr",
+            "model.weight_decay",
+            "data.batch_size",
+        }  # the trial's sampled values
 
 
 def test_a_local_data_folder_is_an_input_and_an_azureml_path_is_used_as_is(tmp_path: Path):

@@ -234,7 +234,8 @@ class AzureMLLauncher(Launcher):
                 why = str(e).splitlines()[0]
                 raise EquipError(f"job {j.idx} ({' '.join(j.overrides)}) does not pass the "
                                  f"Azure ML job schema: {why}") from None  # fmt: skip
-            j.result = job_return(j, math.nan, JobStatus.COMPLETED, sweep_dir)
+            # 0.0, not NaN: Optuna (2.10, as hydra-optuna-sweeper pins it) rejects NaN values.
+            j.result = job_return(j, 0.0, JobStatus.COMPLETED, sweep_dir)
         console.print(f"dry run: {len(jobs)} Azure ML job(s) validated, nothing submitted; job "
                       f"files in {sweep_dir.resolve()}/*.azureml.yaml")  # fmt: skip
         return [j.result for j in jobs if j.result is not None]
