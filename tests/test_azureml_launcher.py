@@ -192,6 +192,7 @@ class FakeAzureML:
                  interrupt_on_poll: bool = False, refuse_after: int | None = None):  # fmt: skip
         self.jobs, self.store, self.code, self.fail = self, store, code, fail
         self.interrupt_on_poll, self.refuse_after = interrupt_on_poll, refuse_after
+        self.blips = 0  # status reads that fail before the service answers again
         self.submitted: dict[str, object] = {}
         self.states: dict[str, list[str]] = {}
         self.cancelled: list[str] = []
@@ -215,6 +216,11 @@ class FakeAzureML:
 
         if self.interrupt_on_poll:
             raise KeyboardInterrupt
+        if self.blips:
+            self.blips -= 1
+            from azure.core.exceptions import ServiceRequestError
+
+            raise ServiceRequestError("connection reset by peer")
         states = self.states[name]
         if len(states) > 1:
             states.pop(0)
@@ -388,3 +394,20 @@ def test_a_refused_submission_cancels_the_others_and_is_one_line(store, sweep_en
     assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
     err = capsys.readouterr().err
     assert "equip: error: Azure ML refused job equip-" in err and "QuotaExceeded" in err
+
+
+def test_status_blips_are_retried_and_a_lasting_outage_stops_the_sweep(store, sweep_env, capsys):
+    launcher, _ = launcher_for(store)
+    launcher._client = service = FakeAzureML(store)
+    service.blips = 3
+    (ret,) = launcher.launch([["model.lr=0.001"]], initial_job_idx=0)
+    assert ret.return_value == pytest.approx(0.999)
+    assert capsys.readouterr().err.count("retrying at the next poll") == 3
+
+    launcher, _ = launcher_for(store)
+    launcher._client = service = FakeAzureML(store)
+    service.blips = 100
+    with pytest.raises(SystemExit):
+        launcher.launch([["model.lr=0.002"]], initial_job_idx=1)
+    assert service.cancelled == list(service.submitted)
+    assert "could not read the status of Azure ML job" in capsys.readouterr().err

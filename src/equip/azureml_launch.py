@@ -46,7 +46,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ REMOTE_TRACKING_KEEP = ("tracking.experiment", "tracking.log_model")
 LAUNCHER_ONLY = {"azure-ai-ml"}  # in the `azure` extra for this launcher; jobs do not need it
 TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding"}
 DRY_RUN_PARENT = "DRY-RUN-NO-PARENT-RUN"
+MAX_POLL_ERRORS = 10  # status reads failing in a row before the sweep gives up (and cancels)
 JOB_TAG = "equip.azureml_job"  # tag of the child run: the Azure ML job that trained it
 KEY_TAG = "equip.launch_key"  # tag of the child run: its overrides and data, for resume
 
@@ -92,7 +93,6 @@ class AzureJob:
     status: str = "NotSubmitted"
     url: str = ""
     result: JobReturn | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class AzureMLLauncher(Launcher):
@@ -127,6 +127,7 @@ class AzureMLLauncher(Launcher):
         self.hydra_context: Any = None
         self.task_function: Any = None
         self._client: Any = None
+        self._poll_errors = 0
         self._uploaded: dict[Path, str] = {}  # local data folder -> azureml:name:version
         self._tag = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -321,8 +322,7 @@ class AzureMLLauncher(Launcher):
                     active.append(j)
                 time.sleep(self.poll_s)
                 for j in list(active):
-                    with azure_errors(f"job {j.name}"):
-                        status = client.jobs.get(j.name).status
+                    status = self._poll(client, j)
                     if status != j.status:
                         self._report(j, status)
                     if status in TERMINAL:
@@ -339,6 +339,24 @@ class AzureMLLauncher(Launcher):
                           f"{len(waiting)} were never submitted")  # fmt: skip
             raise
         return [j.result for j in jobs if j.result is not None]
+
+    def _poll(self, client: Any, j: AzureJob) -> str:
+        """The job's status; a blip (network, throttling) is retried at the next poll, and only
+        MAX_POLL_ERRORS failures in a row stop the sweep."""
+        try:
+            status = client.jobs.get(j.name).status
+        except Exception as e:
+            self._poll_errors += 1
+            if self._poll_errors >= MAX_POLL_ERRORS:
+                why = f"{type(e).__name__} {(str(e).strip().splitlines() or [''])[0]}"
+                raise EquipError(f"could not read the status of Azure ML job {j.name} "
+                                 f"{self._poll_errors} times in a row: {why}. Check the "
+                                 "network and your access.") from None  # fmt: skip
+            console.print(f"could not read the status of {j.name} ({type(e).__name__}); "
+                          "retrying at the next poll")  # fmt: skip
+            return j.status
+        self._poll_errors = 0
+        return status
 
     def _report(self, j: AzureJob, status: str) -> None:
         j.status = status
