@@ -205,11 +205,23 @@ class FakeAzureML:
             from azure.core.exceptions import HttpResponseError
 
             raise HttpResponseError("(QuotaExceeded) the cluster's core quota is used up")
+        if "EQUIP_PARENT_RUN_ID" not in job.environment_variables:  # +launch=azureml
+            job.name = self._job_run(job.experiment_name, job.name)  # Azure: run id = job name
         self.submitted[job.name] = job
         self.states[job.name] = ["Queued", "Running", "Completed"]
         active = sum(s[0] not in ("Completed", "Failed") for s in self.states.values())
         self.most_active = max(self.most_active, active)
-        return SimpleNamespace(status="Queued", studio_url=f"https://ml.azure.com/runs/{job.name}")
+        return SimpleNamespace(name=job.name, status="Queued",
+                               studio_url=f"https://ml.azure.com/runs/{job.name}")  # fmt: skip
+
+    def _job_run(self, experiment: str, name: str) -> str:
+        """The MLflow run Azure ML creates for every job."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.store)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        return client.create_run(exp_id, run_name=name).info.run_id
 
     def get(self, name: str):
         from types import SimpleNamespace
@@ -248,9 +260,8 @@ class FakeAzureML:
             client.log_metric(run.info.run_id, "best_val_acc", 1 - lr)
             client.set_terminated(run.info.run_id, "FINISHED")
             return "Completed"
-        job_exp = client.get_experiment_by_name("equip-jobs")
-        job_exp = job_exp.experiment_id if job_exp else client.create_experiment("equip-jobs")
-        job_run = client.create_run(job_exp, run_name=job.name).info.run_id
+        single = "EQUIP_PARENT_RUN_ID" not in env
+        job_run = job.name if single else self._job_run(job.experiment_name, job.name)
         env.update(MLFLOW_TRACKING_URI=self.store, MLFLOW_RUN_ID=job_run, PATH=os.environ["PATH"],
                    HOME=os.environ.get("HOME", "/root"))  # fmt: skip
         argv = [sys.executable if a == "python" else a for a in shlex.split(job.command)]
@@ -258,6 +269,19 @@ class FakeAzureML:
                               timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         return "Completed"
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """What Azure ML unpacks from the uploaded code snapshot."""
+    import shutil
+
+    code = tmp_path / "code"
+    code.mkdir()
+    for part in ("train.py", "pyproject.toml"):
+        shutil.copy(ROOT / part, code / part)
+    for part in ("conf", "sweeps", "src"):
+        shutil.copytree(ROOT / part, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return code
 
 
 def launcher_for(store: str, *overrides: str):
@@ -312,17 +336,11 @@ def sweep_env(monkeypatch):
 
 def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_path, sweep_env,
                                                                     capsys):  # fmt: skip
-    import shutil
-
     from mlflow import MlflowClient
 
     from tests.conftest import TINY
 
-    code = tmp_path / "code"  # what Azure ML unpacks from the uploaded snapshot
-    for part in ("train.py", "pyproject.toml"):
-        shutil.copy(ROOT / part, code / part if code.exists() else code.mkdir() or code / part)
-    for part in ("conf", "sweeps", "src"):
-        shutil.copytree(ROOT / part, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+    code = project_copy(tmp_path)
     launcher, parent = launcher_for(store, "hydra.launcher.max_concurrent=1")
     service = FakeAzureML(store, code=code)
     launcher._client = service
@@ -411,3 +429,48 @@ def test_status_blips_are_retried_and_a_lasting_outage_stops_the_sweep(store, sw
         launcher.launch([["model.lr=0.002"]], initial_job_idx=1)
     assert service.cancelled == list(service.submitted)
     assert "could not read the status of Azure ML job" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a single run: +launch=azureml
+def test_a_single_run_dry_run_writes_one_plain_run_job(tmp_path: Path):
+    result = train(tmp_path, "+launch=azureml", "launch.compute=cpu-cluster",
+                   "launch.dry_run=true", *WORKSPACE, "model.lr=0.003")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "network.log").exists() and not (tmp_path / "mlflow.db").exists()
+    [path] = tmp_path.glob("outputs/*/*/*.azureml.yaml")
+    assert f"job file {path}" in result.stderr
+    job = load_job(path)
+    assert shlex.split(job.command) == ["python", "train.py", "tracking=azureml", "model.lr=0.003",
+                                        "trainer.progress_bar=false"]  # fmt: skip
+    assert job.compute == "cpu-cluster" and job.experiment_name == "equip"
+    assert "EQUIP_PARENT_RUN_ID" not in job.environment_variables  # no sweep, no parent
+
+
+def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_path, monkeypatch,
+                                                                   capsys):  # fmt: skip
+    from hydra import compose, initialize_config_dir
+    from mlflow import MlflowClient
+
+    from equip.azureml_launch import SubmitRun
+    from tests.conftest import TINY
+
+    code = project_copy(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["+launch=azureml", "launch.compute=cpu-cluster",
+                                          "launch.poll_s=0", *WORKSPACE, *TINY,
+                                          "tracking.log_model=false", "model.lr=0.003"],
+                      return_hydra_config=True)  # fmt: skip
+    service = FakeAzureML(store, code=code)
+    monkeypatch.setattr("equip.azureml_launch.AzureMLLauncher._ml_client", lambda self: service)
+    monkeypatch.setattr("equip.tracking.resolve_uri", lambda tracking: store)
+    with pytest.raises(SystemExit) as done:
+        SubmitRun().on_run_start(cfg)
+    assert done.value.code == 0
+    [name] = service.submitted
+    run = MlflowClient(store).get_run(name)  # the run Azure ML made for the job, trained into
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("filters=32-64 lr=0.003")
+    assert "best_val_acc" in run.data.metrics
+    err = capsys.readouterr().err
+    assert f"Completed  https://ml.azure.com/runs/{name}" in err
+    assert "done filters=32-64 lr=0.003 image_size=32" in err and ": val_acc" in err

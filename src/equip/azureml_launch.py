@@ -220,21 +220,8 @@ class AzureMLLauncher(Launcher):
 
     # ------------------------------------------------------------------ dry run
     def _write_dry_run(self, jobs: list[AzureJob], sweep_dir: Path) -> list[JobReturn]:
-        import yaml
-        from azure.ai.ml import load_job
-
         for j in jobs:
-            spec = json.loads(json.dumps(j.job._to_dict()))
-            if j.local_data is not None:  # the SDK writes local paths as `azureml:<path>`
-                spec["inputs"]["data"]["path"] = str(j.local_data)
-            path = sweep_dir / f"{j.name}.azureml.yaml"
-            path.write_text(yaml.safe_dump(spec, sort_keys=False, width=1000))
-            try:
-                load_job(path)._validate().try_raise()  # the SDK's own schema, offline
-            except Exception as e:
-                why = str(e).splitlines()[0]
-                raise EquipError(f"job {j.idx} ({' '.join(j.overrides)}) does not pass the "
-                                 f"Azure ML job schema: {why}") from None  # fmt: skip
+            write_job_file(j, sweep_dir / f"{j.name}.azureml.yaml")
             # 0.0, not NaN: Optuna (2.10, as hydra-optuna-sweeper pins it) rejects NaN values.
             j.result = job_return(j, 0.0, JobStatus.COMPLETED, sweep_dir)
         console.print(f"dry run: {len(jobs)} Azure ML job(s) validated, nothing submitted; job "
@@ -390,6 +377,23 @@ class AzureMLLauncher(Launcher):
 
 
 # ---------------------------------------------------------------- pieces, testable offline
+def write_job_file(j: AzureJob, path: Path) -> None:
+    """The job as the YAML `az ml job create --file` takes, checked with the SDK's own schema."""
+    import yaml
+    from azure.ai.ml import load_job
+
+    spec = json.loads(json.dumps(j.job._to_dict()))
+    if j.local_data is not None:  # the SDK writes local paths as `azureml:<path>`
+        spec["inputs"]["data"]["path"] = str(j.local_data)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False, width=1000))
+    try:
+        load_job(path)._validate().try_raise()  # offline
+    except Exception as e:
+        why = str(e).splitlines()[0]
+        raise EquipError(f"job {j.idx} ({' '.join(j.overrides)}) does not pass the Azure ML "
+                         f"job schema: {why}") from None  # fmt: skip
+
+
 def check_settings(config: DictConfig, compute: str | None) -> None:
     """Everything that can be wrong before the SDK is touched, as one EquipError."""
     if not compute:
@@ -413,11 +417,7 @@ def project_root(task_function: Any) -> Path:
     import inspect
 
     source = inspect.getsourcefile(task_function) if task_function is not None else None
-    root = Path(source).resolve().parent if source else Path.cwd()
-    if not (root / "pyproject.toml").exists():
-        raise EquipError(f"{root} has no pyproject.toml: hydra/launcher=azureml ships the project "
-                         "folder and builds its environment from pyproject.toml.")  # fmt: skip
-    return root
+    return project_root_of(Path(source) if source else Path.cwd() / "train.py")
 
 
 def pip_requirements(project: Path, pins: str = "pyproject") -> list[str]:
@@ -631,3 +631,116 @@ class RemoteJob(Callback):
         except Exception as e:  # training will report the store's problem itself
             log.warning("could not open the workspace's MLflow store early: %s", e)
         os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+# ---------------------------------------------------------------- a single run: +launch=azureml
+class SubmitRun(Callback):
+    """`python train.py +launch=azureml launch.compute=NAME ...`: this one run goes to the cluster
+    instead of training here (conf/launch/azureml.yaml adds this callback and `launch.*`).
+
+    The job runs `python train.py` with the same overrides (minus launch.*, minus the tracking
+    keys that locate the workspace from outside) and is the MLflow run itself: Azure ML creates a
+    run per job and training records into it. This process waits, prints the status changes and
+    the result, and exits (0 when the run FINISHED) before Hydra would train locally."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            code = self._submit(config)
+        except EquipError as e:
+            console.print(f"[bold red]equip: error:[/] {escape(str(e))}")
+            code = 2
+        raise SystemExit(code)
+
+    def _submit(self, config: DictConfig) -> int:
+        settings = OmegaConf.to_container(config.launch, resolve=True)
+        launcher = AzureMLLauncher(**settings)  # type: ignore[arg-type]
+        launcher.config = config
+        check_settings(config, launcher.compute)
+        try:
+            from azure.ai.ml import Input, command
+        except ImportError:
+            raise EquipError(
+                '+launch=azureml needs the Azure extra: pip install -e ".[azure]"'
+            ) from None
+        logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+        logging.getLogger("azure.identity").setLevel(logging.ERROR)
+        project = project_root_of(Path(sys.argv[0]))
+        overrides = [o for o in config.hydra.overrides.task if _key(o).split(".")[0] != "launch"]
+        cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
+        data_path, local = data_input(config, Path(str(cwd)))
+        args = [o for o in overrides if _remote_keeps(_key(o))]
+        if data_path is not None:
+            args.append("data.root=${{inputs.data}}")
+        if "progress_bar" in config.trainer:
+            args.append("trainer.progress_bar=false")
+        name = f"equip-{launcher._tag}"
+        display = tracking.run_name(config, overrides)
+        node = command(
+            name=name,
+            display_name=display[:250],
+            experiment_name=launcher.experiment_name or str(config.tracking.experiment),
+            description=f"equip run: {' '.join(tracking.redact_overrides(args))}"[:1000],
+            command="python train.py " + " ".join(shlex.quote(a) for a in args),
+            code=str(project),
+            environment=build_environment(project, launcher.image, launcher.python,
+                                          launcher.pins, launcher.pip_extra_index_url),
+            compute=launcher.compute,
+            inputs={"data": Input(type="uri_folder", path=data_path, mode=launcher.data_mode)}
+            if data_path is not None else {},
+            environment_variables={"PYTHONPATH": "src"},
+        )  # fmt: skip
+        j = AzureJob(0, overrides, config, name, display, "", node._to_job(), local)
+        if launcher.dry_run:
+            folder = Path(str(config.hydra.run.dir))
+            folder.mkdir(parents=True, exist_ok=True)
+            write_job_file(j, folder / f"{name}.azureml.yaml")
+            console.print(f"dry run: the Azure ML job is validated, nothing submitted; job file "
+                          f"{(folder / f'{name}.azureml.yaml').resolve()}")  # fmt: skip
+            return 0
+        client = launcher._ml_client()
+        if local is not None:
+            j.job.inputs["data"].path = launcher._data_asset(client, local)
+        with azure_errors(f"job {name}"):
+            created = client.jobs.create_or_update(j.job)
+        j.name = getattr(created, "name", None) or name
+        j.url = getattr(created, "studio_url", "") or ""
+        launcher._report(j, created.status or "Submitted")
+        try:
+            while j.status not in TERMINAL:
+                time.sleep(launcher.poll_s)
+                status = launcher._poll(client, j)
+                if status != j.status:
+                    launcher._report(j, status)
+        except (KeyboardInterrupt, EquipError):
+            with contextlib.suppress(Exception):
+                client.jobs.begin_cancel(j.name)
+            console.print(f"[bold red]stopped:[/] cancelled Azure ML job {j.name}  {j.url}")
+            raise
+        return self._result(config, j)
+
+    @staticmethod
+    def _result(config: DictConfig, j: AzureJob) -> int:
+        from mlflow import MlflowClient
+
+        tracking.connect(config.tracking)
+        try:
+            run = MlflowClient().get_run(j.name)  # an Azure ML job's run id is its name
+        except Exception:
+            run = None
+        if j.status != "Completed" or run is None or run.info.status != "FINISHED":
+            console.print(f"[bold red]failed:[/] Azure ML job {j.name} ended {j.status}; its "
+                          f"log is in Studio: {j.url}")  # fmt: skip
+            return 1
+        m = run.data.metrics
+        acc, f1 = m.get("best_val_acc", math.nan), m.get("best_val_macro_f1", math.nan)
+        console.print(f"[bold green]done[/] {escape(run.info.run_name or j.name)}: val_acc "
+                      f"{acc:.3f}, macro-F1 {f1:.3f} on Azure ML  {j.url}")  # fmt: skip
+        return 0
+
+
+def project_root_of(script: Path) -> Path:
+    root = script.resolve().parent
+    if not (root / "pyproject.toml").exists():
+        raise EquipError(f"{root} has no pyproject.toml: Azure ML jobs ship the project folder "
+                         "and build their environment from pyproject.toml.")  # fmt: skip
+    return root
