@@ -474,3 +474,10 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
     err = capsys.readouterr().err
     assert f"Completed  https://ml.azure.com/runs/{name}" in err
     assert "done filters=32-64 lr=0.003 image_size=32" in err and ": val_acc" in err
+
+
+def test_a_single_run_with_a_bad_config_fails_here(tmp_path: Path):
+    result = train(tmp_path, "+launch=azureml", "launch.compute=cpu-cluster", "launch.dry_run=true",
+                   *WORKSPACE, "model.filters=[8,8,8,8,8,8,8,8]")  # fmt: skip
+    assert "8 pooling blocks shrink a 128 px image" in one_error_line(result)
+    assert not list(tmp_path.glob("outputs/*/*/*.azureml.yaml"))

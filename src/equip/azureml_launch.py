@@ -656,6 +656,9 @@ class SubmitRun(Callback):
         launcher = AzureMLLauncher(**settings)  # type: ignore[arg-type]
         launcher.config = config
         check_settings(config, launcher.compute)
+        from equip.training import check_config
+
+        check_config(config)  # a bad config fails here, not after the cluster has started
         try:
             from azure.ai.ml import Input, command
         except ImportError:
