@@ -28,6 +28,9 @@ submitted jobs. `dry_run=true` builds every job, validates it with the SDK's own
 (`azure.ai.ml.load_job`) and writes `<job>.azureml.yaml` files into the sweep folder, with no
 network call at all.
 
+`python train.py +launch=azureml launch.compute=NAME ...` sends one run the same way
+(`SubmitRun`, a Hydra callback added by conf/launch/azureml.yaml).
+
 torch, lightning and azure-ai-ml are imported only when a sweep launches.
 """
 
