@@ -334,6 +334,7 @@ def sweep_env(monkeypatch):
     os.environ.pop("EQUIP_SWEPT_KEYS", None)
 
 
+@pytest.mark.slow  # runs the generated commands: real (tiny) training
 def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_path, sweep_env,
                                                                     capsys):  # fmt: skip
     from mlflow import MlflowClient
@@ -446,6 +447,7 @@ def test_a_single_run_dry_run_writes_one_plain_run_job(tmp_path: Path):
     assert "EQUIP_PARENT_RUN_ID" not in job.environment_variables  # no sweep, no parent
 
 
+@pytest.mark.slow  # runs the generated commands: real (tiny) training
 def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_path, monkeypatch,
                                                                    capsys):  # fmt: skip
     from hydra import compose, initialize_config_dir
