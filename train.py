@@ -5,14 +5,12 @@ python train.py model.filters=[32,64],[32,64,128] -m # one parent run, one child
 python train.py -m sweep=smoke                       # a named sweep from sweeps/
 """
 
-from pathlib import Path
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from equip.sweeps import register_sweep_configs
-
-register_sweep_configs(Path(__file__).parent / "sweeps")
+from equip.cli import one_line_errors, upgrade_argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,4 +21,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    sys.argv[1:] = upgrade_argv(sys.argv[1:])
+    with one_line_errors():
+        main()

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from equip.errors import EquipError
-from equip.tracking import azureml_uri
+from equip.store import azureml_uri
 from equip.training import train
 from tests.conftest import make_cfg
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from equip.data import load_folder, load_images, preprocess, scan_folder, split_images
+from equip.data import load_folder, load_images, preprocess, scan_folder
 from equip.errors import EquipError
+from equip.split import split_images
 from tests.conftest import GEAR, make_cfg
 
 
@@ -189,3 +190,16 @@ def test_group_pattern_keeps_colourways_of_a_product_together():
     assert (split_images(named, 0.2, 0.0, seed=0) != s).any()  # without it: split by content
     with pytest.raises(EquipError, match="data.group_pattern='\\(' is not a valid regex"):
         split_images(named, 0.2, 0.0, seed=0, group_pattern="(")
+
+
+def test_a_damaged_cache_entry_or_a_symlink_loop_never_breaks_a_load(tmp_path: Path):
+    write_tree(tmp_path / "photos")
+    loop = tmp_path / "photos" / "rope" / "loop.png"
+    loop.symlink_to(loop)  # points at itself: reading it fails
+    first = load_folder(tmp_path / "photos", 16, tmp_path / "cache")
+    assert any(p == str(loop) for p, _ in first.skipped)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    np.save(entries[0], np.zeros((3, 8, 8), np.uint8))  # wrong shape (another size's entry)
+    again = load_folder(tmp_path / "photos", 16, tmp_path / "cache")
+    assert again.decoded == 1 and (again.images == first.images).all()
+    assert np.load(entries[0]).shape == (3, 16, 16)  # healed on disk too

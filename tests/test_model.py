@@ -4,8 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from equip.checks import check_model
 from equip.errors import EquipError
-from equip.model import Classifier, build_net, check_model, mflops_per_image
+from equip.model import Classifier, build_net, mflops_per_image
 from tests.conftest import make_cfg
 
 
@@ -76,9 +77,9 @@ def test_checkpointable_module_rebuilds_from_its_hyperparameters(tmp_path):
     assert torch.equal(loaded.eval()(x), m.eval()(x))
 
 
-def test_monitor_mode_must_match_the_metric():
-    from equip.training import check_trainer
+def test_unknown_monitor_is_refused():
+    from equip.checks import check_trainer
 
-    with pytest.raises(EquipError, match="set trainer.monitor_mode=min"):
-        check_trainer(make_cfg("trainer.monitor=val_loss").trainer)
-    check_trainer(make_cfg("trainer.monitor=val_loss", "trainer.monitor_mode=min").trainer)
+    with pytest.raises(EquipError, match="trainer.monitor='val_f1' is not one of"):
+        check_trainer(make_cfg("trainer.monitor=val_f1").trainer)
+    check_trainer(make_cfg("trainer.monitor=val_loss").trainer)

@@ -8,16 +8,17 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from equip.synthetic import CLASSES
 from equip.training import train
-from tests.conftest import GEAR, free_port, make_cfg
-from tests.test_train import write_pngs
+from tests.conftest import GEAR, free_port, make_cfg, write_pngs
 
 # Data on which a CNN learns something in seconds; the same for every run of this module.
 DATA = ["data.per_class=20", "data.image_size=40", "data.val_fraction=0.25"]
@@ -27,7 +28,7 @@ STRONG_BASELINE = ["model=baseline", "model.features=[hog,color_hist,pixels]"]
 GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
             "trainer.max_epochs=8", "model.lr=0.003"]  # fmt: skip
 BAD_CNN = ["model.lr=0.0000001", "trainer.max_epochs=1"]
-REGISTER = ["register=true", "registry.name=gear"]
+REGISTER = ["registry.enabled=true", "registry.name=gear"]
 
 
 def run(*overrides: str) -> dict:
@@ -121,6 +122,17 @@ def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
     assert bad.returncode == 2 and "model=nope.ckpt: no such checkpoint" in bad.stderr
 
 
+def post(port: int, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
     run(*GOOD_CNN, *REGISTER, "registry.require_baseline=false")
@@ -155,6 +167,24 @@ def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
         [pred] = answer["predictions"]
         assert pred["class"] in CLASSES
         assert 0 < pred["probability"] <= 1
+
+        # Refusals are one short line, the same whether a path exists or not, no traceback.
+        bomb = tmp_path / "bomb.png"
+        Image.new("1", (9000, 9000)).save(bomb)  # ~10 kB on disk, 81 MP decoded
+        for value, expected in [
+            ("/etc/passwd", "row 0: not base64-encoded image bytes (file paths are off"),
+            ("/etc/no-such-file", "row 0: not base64-encoded image bytes (file paths are off"),
+            ("%%%not-base64", "row 0: not base64-encoded image bytes"),
+            (base64.b64encode(bomb.read_bytes()).decode(), "image 0 has 9000x9000 pixels"),
+        ]:
+            status, text = post(port, {"dataframe_split": {"columns": ["image"],
+                                                           "data": [[value]]}})  # fmt: skip
+            assert status == 400 and expected in text, text
+            assert (
+                "Traceback" not in text
+                and "stack_trace" not in text
+                and "/site-packages" not in text
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

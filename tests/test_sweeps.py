@@ -12,29 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT, TINY
-
-FAST = [*TINY, "tracking.log_model=false"]
-
-
-def sweep(*args: str, cwd: Path, env_uri: str | None = None, wait: bool = True):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    if env_uri:
-        env["MLFLOW_TRACKING_URI"] = env_uri
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def parent_and_children(client: MlflowClient):
-    [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
-    children = client.search_runs(
-        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-        order_by=["attributes.start_time ASC"],
-    )  # fmt: skip
-    return parent, children
+from tests.conftest import parent_and_children, sweep
 
 
 def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path):
@@ -156,8 +134,8 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
     proc = sweep(
         "model.lr=0.001,0.00000001", "data.per_class=24", "trainer.max_epochs=4",
         "trainer.monitor=val_loss",
-        "trainer.monitor_mode=min", "sweep.median_stop.enabled=true",
-        "sweep.median_stop.after_epochs=2", "sweep.median_stop.min_finished=1",
+        "multirun.median_stop.enabled=true",
+        "multirun.median_stop.after_epochs=2", "multirun.median_stop.min_finished=1",
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,7 +151,9 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
 
 
 def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path):
-    proc = sweep("data.val_fraction=0.25,0.01,0.3", "sweep.continue_on_failure=false", cwd=tmp_path)
+    proc = sweep(
+        "data.val_fraction=0.25,0.01,0.3", "multirun.continue_on_failure=false", cwd=tmp_path
+    )
     assert proc.returncode != 0
     parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FINISHED", "FAILED"]  # the third never ran

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,20 +12,14 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from equip import tracking
+import equip.store
 from equip.errors import EquipError
 from equip.model import Classifier
 from equip.serving import classify
 from equip.training import train
-from tests.conftest import ROOT, TINY, free_port, make_cfg
-
-
-def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out = set()
-    for f in client.list_artifacts(run_id, path):
-        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
-    return out
+from tests.conftest import artifacts, free_port, make_cfg, run_cli, write_pngs
 
 
 def test_train_records_a_complete_run(store: str):
@@ -66,11 +57,14 @@ def test_train_records_a_complete_run(store: str):
     [logged] = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id
     pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+    files = write_pngs(Path("imgs"), 6)
+    with pytest.raises(MlflowException, match="row 0: not base64.*file paths are off"):
+        pyfunc.predict(pd.DataFrame({"image": [str(files[0])]}))  # paths need an image root
+    pyfunc = mlflow.pyfunc.load_model(logged.model_uri, model_config={"image_root": "imgs"})
     ckpt_file = mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/checkpoints/best.ckpt"
     )
     ckpt = Classifier.load_from_checkpoint(ckpt_file).eval()
-    files = write_pngs(Path("imgs"), 6)
     by_path = pyfunc.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     by_b64 = pyfunc.predict(
         pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
@@ -79,20 +73,6 @@ def test_train_records_a_complete_run(store: str):
     assert list(by_path["class"]) == list(by_b64["class"]) == list(direct["class"])
     assert set(by_path.columns) == {"class", "probability"} | {f"p_{c}" for c in ckpt.classes}
     assert np.allclose(by_path.filter(like="p_").sum(axis=1), 1, atol=1e-4)
-
-
-def write_pngs(folder: Path, n: int) -> list[Path]:
-    from PIL import Image
-
-    from equip.synthetic import make_synthetic
-
-    images, _ = make_synthetic(1, 48, seed=5)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        files.append(folder / f"{i}.png")
-        Image.fromarray(images[i].transpose(1, 2, 0)).save(files[-1])
-    return files
 
 
 class Explode(pl.Callback):
@@ -132,19 +112,11 @@ def test_unreachable_tracking_server_fails_in_seconds(store: str):
 
 def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
     env_store = f"sqlite:///{tmp_path}/from_env.db"
-    # What equip read from the environment at start-up (tracking.USER_TRACKING_URI).
-    monkeypatch.setattr(tracking, "USER_TRACKING_URI", env_store)
+    # What equip read from the environment at start-up (store.USER_TRACKING_URI).
+    monkeypatch.setattr(equip.store, "USER_TRACKING_URI", env_store)
     train(make_cfg("trainer.max_epochs=1", "tracking.log_model=false"), [])
     assert len(MlflowClient(env_store).search_runs(["1"])) == 1
     assert not Path("mlflow.db").exists()
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *TINY, *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
 
 
 def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
@@ -163,7 +135,7 @@ def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path):
-    proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path)
+    proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path, tiny=False)
     assert proc.returncode == 2
     assert "equip: error: data.root=" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -8,29 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from equip.errors import EquipError
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-FEATURES = ("pixels", "hog", "color_hist")
-ESTIMATORS = ("logreg", "random_forest", "svm")
+    from equip.data import ImageSet
 
-
-def check_baseline(m: Mapping[str, Any]) -> None:
-    if m["estimator"] not in ESTIMATORS:
-        raise EquipError(f"model.estimator={m['estimator']!r} is not one of: "
-                         f"{', '.join(ESTIMATORS)}.")  # fmt: skip
-    unknown = [f for f in m["features"] if f not in FEATURES]
-    if unknown or not m["features"]:
-        raise EquipError(f"model.features={list(m['features'])}: use a non-empty list of "
-                         f"{', '.join(FEATURES)}.")  # fmt: skip
-    if m["pixels_size"] < 2 or m["C"] <= 0 or m["n_estimators"] < 1:
-        raise EquipError("model.pixels_size must be >= 2, model.C > 0, model.n_estimators >= 1.")
+# Types skops would refuse to load back: our feature function, and the random forest's trees.
+# Both come from this very process, so the saved model is trusted.
+TRUSTED_SKLEARN_TYPES = ["equip.baseline.image_features", "sklearn.tree._tree.Tree"]
 
 
 def image_features(
@@ -59,7 +51,7 @@ def image_features(
     return np.stack(rows)
 
 
-def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int) -> Pipeline:
+def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int, n_jobs: int = 1) -> Pipeline:
     featurize = FunctionTransformer(
         image_features,
         kw_args={"image_size": image_size, "features": list(m["features"]),
@@ -78,18 +70,16 @@ def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int) -> Pipeline
                              SVC(C=m["C"], probability=True, random_state=seed))  # fmt: skip
     from sklearn.ensemble import RandomForestClassifier
 
-    from equip.runtime import cpu_count, parallel_jobs
-
-    n_jobs = max(1, cpu_count() // parallel_jobs())  # share the cores with parallel sweep jobs
     estimator = RandomForestClassifier(m["n_estimators"], n_jobs=n_jobs, random_state=seed)
     return make_pipeline(featurize, estimator)
 
 
 def fit_baseline(
-    m: Mapping[str, Any], x_train: np.ndarray, y_train: np.ndarray, image_size: int, seed: int
-) -> tuple[Pipeline, float]:
+    m: Mapping[str, Any], x_train: np.ndarray, y_train: np.ndarray, image_size: int, seed: int,
+    n_jobs: int = 1,
+) -> tuple[Pipeline, float]:  # fmt: skip
     """Fit on flattened uint8 images; returns the pipeline and the fit time in seconds."""
-    pipeline = build_pipeline(m, image_size, seed)
+    pipeline = build_pipeline(m, image_size, seed, n_jobs)
     t0 = time.perf_counter()
     pipeline.fit(x_train, y_train)
     return pipeline, time.perf_counter() - t0
@@ -101,3 +91,48 @@ def predict_proba(pipeline: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarr
     full = np.zeros((len(x), n_classes), np.float32)
     full[:, pipeline.classes_] = proba
     return full
+
+
+def fit_and_log(
+    cfg: DictConfig, images: ImageSet, split: np.ndarray, run_id: str, parallel_jobs: int = 1
+) -> dict[str, Any]:
+    """The baseline's side of equip.training.train(): fit, evaluate and log like a CNN run."""
+    import mlflow
+    import torch
+
+    from equip import reports, tracking
+    from equip.runtime import cpu_count
+
+    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(split == name)
+        return images.images[idx].reshape(len(idx), -1).numpy(), images.labels[idx].numpy()
+
+    x_train, y_train = flat("train")
+    n_jobs = max(1, cpu_count() // max(parallel_jobs, 1))  # share cores with parallel jobs
+    pipeline, fit_time = fit_baseline(cfg.model, x_train, y_train, cfg.data.image_size,
+                                      cfg.seed, n_jobs)  # fmt: skip
+    n = len(images.classes)
+    x_val, y_val = flat("val")
+    probs = torch.from_numpy(predict_proba(pipeline, x_val, n))
+    final = {"train_time_s": fit_time, "epochs_trained": 1,
+             "train_acc": float((pipeline.predict(x_train) == y_train).mean())}  # fmt: skip
+    if (split == "test").any():
+        x_test, y_test = flat("test")
+        final["test_acc"] = float((pipeline.predict(x_test) == y_test).mean())
+    final = reports.log_evaluation(run_id, images.classes, torch.from_numpy(y_val), probs,
+                                   final, 0)  # fmt: skip
+    # The per-epoch names too, so baseline and CNN runs sort side by side in the MLflow UI.
+    tracking.log_metrics(run_id, {k.removeprefix("best_"): v for k, v in final.items()
+                                  if k.startswith("best_val_")}, step=0)  # fmt: skip
+    result: dict[str, Any] = {"metrics": final}
+    if cfg.tracking.log_model:
+        import mlflow.sklearn
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(x_val[:2], pipeline.predict(x_val[:2]))
+        info = mlflow.sklearn.log_model(pipeline, name="model", signature=signature,
+                                        skops_trusted_types=TRUSTED_SKLEARN_TYPES,
+                                        metadata={"classes": images.classes,
+                                                  "image_size": cfg.data.image_size})  # fmt: skip
+        result["model_uri"] = info.model_uri
+    return result

@@ -8,13 +8,10 @@ keyed by file content and preprocessing settings (a second run starts from the c
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import logging
-import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,8 +90,11 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     files: list[tuple[Path, int]] = []
     empty = []
     for idx, d in enumerate(class_dirs):
+        # A broken or looping symlink is kept: reading it fails, so it is counted as skipped.
         found = sorted(
-            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p
+            for p in d.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not found:
             empty.append(d.name)
@@ -134,6 +134,9 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
                 arr = np.load(cached)
             except (OSError, ValueError):  # torn write by a killed process: decode again
                 arr = None
+            if arr is not None and (arr.shape != (3, image_size, image_size)
+                                    or arr.dtype != np.uint8):  # fmt: skip
+                arr = None  # a foreign or damaged entry: decode again and overwrite it
         if arr is None:
             try:
                 with Image.open(io.BytesIO(raw)) as img:
@@ -215,12 +218,8 @@ _loaded: dict[tuple, ImageSet] = {}  # one decode per process, shared by every m
 
 def load_images(data: DictConfig) -> ImageSet:
     """Load the data set a config names, from memory when this process already has it."""
-    if data.image_size < 8:
-        raise EquipError(f"data.image_size={data.image_size} is too small; use 8 or more.")
     if data.kind == "synthetic":
         key: tuple = ("synthetic", data.per_class, data.image_size, data.generator_seed)
-        if data.per_class < 1:
-            raise EquipError(f"data.per_class={data.per_class} must be at least 1.")
     elif data.kind == "folder":
         root = Path(data.root).expanduser().resolve()
         key = ("folder", str(root), data.image_size, _tree_signature(root))
@@ -248,101 +247,6 @@ def _tree_signature(root: Path) -> tuple:
         for p in sorted(root.rglob("*"))
         if p.is_file() and (st := p.stat())
     )
-
-
-# ---------------------------------------------------------------- split
-def split_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
-    """A group id per image: byte-identical files share one, and so do files of a class whose
-    names give the same `group_pattern` match (e.g. one product in several colourways)."""
-    parent = list(range(len(images.sha256)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[str, int] = {}
-    pattern = re.compile(group_pattern) if group_pattern else None
-    for i, (sha, path, label) in enumerate(
-        zip(images.sha256, images.paths, images.labels.tolist(), strict=True)
-    ):
-        keys = [sha]
-        if pattern and (m := pattern.search(Path(path).name)):
-            keys.append(f"{label}/{m.group(m.lastindex or 0)}")
-        for key in keys:
-            parent[find(i)] = find(first.setdefault(key, i))
-    return [images.sha256[find(i)] for i in range(len(parent))]
-
-
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    if not 0 < val_fraction < 1:
-        raise EquipError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
-    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise EquipError(
-            f"data.test_fraction={test_fraction} must be >= 0 and leave training images "
-            f"(val_fraction + test_fraction < 1, now {val_fraction + test_fraction})."
-        )
-
-
-def split_images(
-    images: ImageSet,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    group_pattern: str | None = None,
-) -> np.ndarray:
-    """Stratified, seeded split -> array of 'train' | 'val' | 'test' per image.
-
-    Whole groups (see split_groups) land on one side, so a duplicate or near-duplicate can never
-    leak a training image into validation.
-    """
-    check_fractions(val_fraction, test_fraction)
-    try:
-        group_of = split_groups(images, group_pattern)
-    except re.error as e:
-        raise EquipError(
-            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
-        ) from None
-    labels = images.labels.numpy()
-    side: dict[str, str] = {}
-    for c, name in enumerate(images.classes):
-        groups = sorted({group_of[i] for i in np.flatnonzero(labels == c)} - side.keys())
-        rng = np.random.default_rng([seed, c])
-        rng.shuffle(groups)
-        n_val = math.floor(len(groups) * val_fraction + 0.5)  # round half up, not to even
-        n_test = math.floor(len(groups) * test_fraction + 0.5)
-        if n_val < 1:
-            raise EquipError(
-                f"data.val_fraction={val_fraction} leaves class {name!r} ({len(groups)} distinct "
-                f"images) with no validation image. Raise data.val_fraction to at least "
-                f"{math.ceil(50 / max(len(groups), 1)) / 100:.2f} or add images to that class."
-            )
-        if test_fraction > 0 and n_test < 1:
-            raise EquipError(
-                f"data.test_fraction={test_fraction} leaves class {name!r} with no test image; "
-                "raise it or set data.test_fraction=0."
-            )
-        if len(groups) - n_val - n_test < 1:
-            raise EquipError(
-                f"class {name!r} has {len(groups)} distinct image(s): none left for training "
-                f"with val_fraction={val_fraction}, test_fraction={test_fraction}. Add images."
-            )
-        for i, g in enumerate(groups):
-            side[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-    return np.array([side[g] for g in group_of])
-
-
-def split_manifest(images: ImageSet, split: np.ndarray) -> str:
-    """CSV text: path, sha256, class, split: what a run trained and validated on."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "sha256", "class", "split"])
-    for path, sha, label, s in zip(
-        images.paths, images.sha256, images.labels.tolist(), split, strict=True
-    ):
-        w.writerow([path, sha, images.classes[label], s])
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- DataModule

@@ -3,3 +3,8 @@
 
 class EquipError(Exception):
     """Bad input (config, data, tracking). Raised before training wherever it can be detected."""
+
+
+class StoreUnavailable(EquipError):
+    """The tracking store went away (or never answered): a sweep stops instead of failing every
+    job that is left; the same command resumes it once the store is back."""

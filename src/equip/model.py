@@ -13,67 +13,18 @@ import torch
 import torchmetrics
 from torch import nn
 
-from equip.errors import EquipError
+from equip import checks
+from equip.checks import kernel_sizes
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None}
-HEADS = ("flatten", "gap")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
-
-
-def _choice(m: Mapping, key: str, allowed) -> None:
-    if m[key] not in allowed:
-        raise EquipError(f"model.{key}={m[key]!r} is not one of: {', '.join(allowed)}.")
-
-
-def kernel_sizes(m: Mapping) -> list[int]:
-    ks = m["kernel_sizes"]
-    return [int(ks)] * len(m["filters"]) if isinstance(ks, int) else [int(k) for k in ks]
-
-
-def check_model(m: Mapping, image_size: int) -> None:
-    """Raise EquipError naming the key for any architecture that cannot be built or trained."""
-    filters = list(m["filters"])
-    if not filters or not all(isinstance(f, int) and f > 0 for f in filters):
-        raise EquipError(
-            f"model.filters={filters} must be a non-empty list of positive ints, e.g. [32,64]."
-        )
-    ks = m["kernel_sizes"]
-    if not isinstance(ks, int) and len(ks) != len(filters):
-        raise EquipError(
-            f"model.kernel_sizes={list(ks)} has {len(ks)} entries but model.filters={filters} "
-            f"has {len(filters)}: give one kernel size per conv block, or a single int for all."
-        )
-    for key, allowed in (
-        ("pool", POOLS), ("activation", ACTIVATIONS), ("head", HEADS),
-        ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
-    ):  # fmt: skip
-        _choice(m, key, allowed)
-    if not m["lr"] > 0:
-        raise EquipError(f"model.lr={m['lr']} must be positive, e.g. model.lr=0.001.")
-    if m["weight_decay"] < 0:
-        raise EquipError(f"model.weight_decay={m['weight_decay']} must be >= 0.")
-    if not 0 <= m["dropout"] < 1:
-        raise EquipError(f"model.dropout={m['dropout']} must be in [0, 1).")
-    if not all(isinstance(h, int) and h > 0 for h in m["hidden"]):
-        raise EquipError(f"model.hidden={list(m['hidden'])} must be a list of positive ints.")
-    size = image_size
-    for i, k in enumerate(kernel_sizes(m)):
-        if k < 1:
-            raise EquipError(f"model.kernel_sizes: block {i} has kernel {k}; use 1 or more.")
-        if m["pool"] != "none":
-            size //= 2
-            if size < 1:
-                raise EquipError(
-                    f"model.filters={filters}: {len(filters)} pooling blocks shrink a "
-                    f"{image_size} px image below 1 px at block {i}. Use at most "
-                    f"{image_size.bit_length() - 1} blocks, or raise data.image_size."
-                )
+assert set(ACTIVATIONS) == set(checks.ACTIVATIONS) and set(POOLS) == set(checks.POOLS)
+assert set(OPTIMIZERS) == set(checks.OPTIMIZERS)
 
 
 def build_net(m: Mapping, num_classes: int, image_size: int) -> nn.Sequential:
-    check_model(m, image_size)
+    checks.check_model(m, image_size)
     act = ACTIVATIONS[m["activation"]]
     pool = POOLS[m["pool"]]
     layers: list[nn.Module] = [Normalize()]

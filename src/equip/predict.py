@@ -14,12 +14,10 @@ import re
 import sys
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from equip.data import IMAGE_SUFFIXES
 from equip.errors import EquipError
 
 DEFAULTS = {"model": "???", "images": "???", "output": "predictions.csv", "tracking_uri": None,
@@ -28,6 +26,8 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def find_images(path: Path) -> list[Path]:
+    from equip.data import IMAGE_SUFFIXES
+
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -41,15 +41,15 @@ def find_images(path: Path) -> list[Path]:
 
 
 def load_predictor(model: str):
-    """A callable DataFrame(image=paths) -> DataFrame(class, probability, p_*)."""
+    """A callable DataFrame(image=base64) -> DataFrame(class, probability, p_*)."""
     if model.endswith(".ckpt"):
         from equip.model import Classifier
-        from equip.serving import classify
+        from equip.serving import classify, read_image_value
 
         if not Path(model).is_file():
             raise EquipError(f"model={model}: no such checkpoint file.")
         clf = Classifier.load_from_checkpoint(model, map_location="cpu").eval()
-        return lambda df: classify(clf, [Path(p).read_bytes() for p in df["image"]])
+        return lambda df: classify(clf, [read_image_value(v, i) for i, v in enumerate(df.image)])
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
@@ -59,6 +59,28 @@ def load_predictor(model: str):
     except (MlflowException, OSError) as e:
         raise EquipError(f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
                          f"{str(e).splitlines()[0]}") from None  # fmt: skip
+
+
+def predict_files(predict, files: list[Path], chunk: int = 256):
+    """Send the files as base64 (as a client of a served model would), a chunk at a time; an
+    image that cannot be classified is named by its file."""
+    import base64
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    parts = []
+    for start in range(0, len(files), chunk):
+        batch = files[start : start + chunk]
+        images = [base64.b64encode(f.read_bytes()).decode() for f in batch]
+        try:
+            parts.append(predict(pd.DataFrame({"image": images})))
+        except (ValueError, MlflowException) as e:  # serving numbers the rows of the request
+            message = getattr(e, "message", str(e))
+            index = re.search(r"(?:image|row) (\d+)", message)
+            where = f"{batch[int(index.group(1))]}: " if index else ""
+            raise EquipError(f"{where}{message}; remove or replace that file.") from None
+    return pd.concat(parts, ignore_index=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,21 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
         import mlflow
 
-        from equip.tracking import default_uri
+        from equip.store import default_uri
 
         mlflow.set_tracking_uri(cfg.tracking_uri or default_uri())
         root = Path(cfg.images)
         files = find_images(root)
         predict = load_predictor(str(cfg.model))
-        out = predict(pd.DataFrame({"image": [str(f) for f in files]}))
+        out = predict_files(predict, files)
     except EquipError as e:
         console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
-        return 2
-    except ValueError as e:  # an undecodable image: name it (serving.classify numbers them)
-        index = re.search(r"image (\d+)", str(e))
-        where = f"{files[int(index.group(1))]}: " if index else ""
-        console.print(f"[bold red]equip: error:[/] {where}{e}; remove or replace that file.",
-                      highlight=False)  # fmt: skip
         return 2
     out.insert(0, "file", [str(f) for f in files])
     classes = [c.removeprefix("p_") for c in out.columns if c.startswith("p_")]

@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from equip import schema
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
                   f"params.`data.group_pattern` = '{pattern}'")  # fmt: skip
     runs = client.search_runs(
         [experiment_id],
-        f"params.`model.name` = 'baseline' and tags.`equip.data_fingerprint` = '{fingerprint}' "
+        f"params.`model.name` = 'baseline' and tags.`{schema.DATA_FINGERPRINT}` = '{fingerprint}' "
         f"and {same_split} and attributes.status = 'FINISHED'",
         order_by=[f"metrics.`{cfg.registry.metric}` DESC"],
         max_results=1,
@@ -107,10 +109,10 @@ def _champion_score(client, reg: DictConfig) -> float | None:
 
 
 def _record(client, run_id: str, decision: dict[str, Any]) -> dict[str, Any]:
-    client.set_tag(run_id, "equip.registry.decision",
+    client.set_tag(run_id, schema.REGISTRY_DECISION,
                    "registered" if decision["registered"] else "not registered")  # fmt: skip
-    client.set_tag(run_id, "equip.registry.reason", decision["reason"][:5000])
+    client.set_tag(run_id, schema.REGISTRY_REASON, schema.truncate(decision["reason"]))
     if decision.get("version"):
-        client.set_tag(run_id, "equip.registry.version", decision["version"])
+        client.set_tag(run_id, schema.REGISTRY_VERSION, decision["version"])
     log.info("registry: %s", decision["reason"])
     return decision

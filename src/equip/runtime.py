@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -56,3 +58,23 @@ def parallel_jobs() -> int:
     if n_jobs is None:
         return 1
     return cpu_count() if n_jobs < 0 else int(n_jobs)
+
+
+def exit_with(pid: int, poll_s: float = 1.0) -> None:
+    """In a worker process of a parallel sweep: exit as soon as the sweep's main process `pid`
+    is gone (killed with -9, say), instead of training on for nobody. The run it leaves RUNNING
+    is marked KILLED by the next command that opens the store (equip.store)."""
+    if pid == os.getpid():
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(137)
+            except PermissionError:
+                pass
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="equip-exit-with-sweep", daemon=True).start()

@@ -1,0 +1,81 @@
+"""The one path by which secrets are kept out of MLflow: params, tags, run names, config
+artifacts, checkpoint hyper-parameters and error messages all go through `redact_value`.
+
+A value is secret when its key looks like one (`*password*`, `*_key`, `bearer`…) or when the
+value itself looks like one (a connection string's AccountKey=, a SAS signature, a bearer token,
+`user:password@` in a URI), whatever key it sits under.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+REDACTED = "***"
+
+SECRET_KEY = re.compile(
+    r"secret|passw|pwd|token|credential|bearer|signature|auth|(^|[._-])sas($|[._-])|"
+    r"(^|[._-])sig($|[._-])|api_?key|access_?key|account_?key|private_?key|[._-]key$|^key$|"
+    r"connection_?string|conn_?str",
+    re.I,
+)
+# Secret-looking text inside any value: the match is replaced, the rest kept.
+SECRET_IN_VALUE = [
+    (re.compile(r"(?<=://)[^/@\s]+@"), f"{REDACTED}@"),  # user:password@host
+    (
+        re.compile(
+            r"(?i)\b(AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)="
+            r"[^;\s'\"]+"
+        ),
+        rf"\1={REDACTED}",
+    ),  # fmt: skip
+    (re.compile(r"(?i)([?&]sig=)[^&\s'\"]+"), rf"\1{REDACTED}"),  # SAS token signature
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"), rf"\1{REDACTED}"),
+]
+
+
+def strip_secrets(text: str) -> str:
+    """Cut every secret-looking part out of free text (URIs, connection strings, messages)."""
+    for pattern, replacement in SECRET_IN_VALUE:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(SECRET_KEY.search(str(key)))
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """*** for a secret key; secret parts cut out of any other string value."""
+    if is_secret_key(key):
+        return REDACTED
+    return strip_secrets(value) if isinstance(value, str) else value
+
+
+def redact_tree(node: Any, key: str = "") -> Any:
+    """A nested dict/list with the whole subtree of every secret key replaced by ***."""
+    if is_secret_key(key):
+        return REDACTED
+    if isinstance(node, Mapping):
+        return {k: redact_tree(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [redact_tree(v, key) for v in node]
+    return redact_value(key, node)
+
+
+def redact(items: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: redact_value(k, v) for k, v in items.items()}
+
+
+def redact_overrides(overrides: Iterable[str]) -> list[str]:
+    """Command-line overrides as they may be logged: a secret key's value becomes ***, and so
+    does a value that holds a secret key (`+data.auth={api_key:X}`)."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and (is_secret_key(key.lstrip("+~")) or SECRET_KEY.search(value)):
+            out.append(f"{key}={REDACTED}")
+        else:
+            out.append(strip_secrets(o))
+    return out

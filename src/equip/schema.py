@@ -1,0 +1,91 @@
+"""What equip writes into MLflow besides params: tag names, run-search filters and limits.
+
+One place, so a tag is spelled the same by the job that writes it and the report that reads it.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- limits (MLflow 3)
+MAX_TAG_VALUE = 5000  # we cut tag values well below MLflow's 8,000 characters
+MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_RUN_NAME = 250
+
+# ---------------------------------------------------------------- tags of every run
+VERSION = "equip.version"
+DATA_FINGERPRINT = "equip.data_fingerprint"
+DATA_SOURCE = "equip.data_source"  # decoded | disk-cache | memory
+CONFIG_HASH = "equip.config_hash"  # identity of a job: resumed sweeps skip FINISHED twins
+MODEL_KIND = "equip.model_kind"
+ERROR = "equip.error"  # why a run ended FAILED or KILLED
+PRUNED = "equip.pruned"
+PRUNED_REASON = "equip.pruned_reason"
+PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests children under it
+HOST = "equip.host"  # host, pid and heartbeat of the process that runs the run: a later
+PID = "equip.pid"  # command marks the run KILLED when that process is gone
+PID_STARTED = "equip.pid_started"
+HEARTBEAT = "equip.heartbeat"  # unix time, updated every epoch
+
+# ---------------------------------------------------------------- tags of a sweep's parent run
+SWEEP_KEY = "equip.sweep_key"
+SWEEP_DIR = "equip.sweep_dir"
+LAST_SWEEP_DIR = "equip.last_sweep_dir"
+SWEEP_OVERRIDES = "equip.sweep_overrides"
+SWEPT_KEYS = "equip.swept_keys"
+SWEEPER = "equip.sweeper"
+LAUNCHER = "equip.launcher"
+MONITOR = "equip.monitor"
+MONITOR_MODE = "equip.monitor_mode"
+BEST_RUN_ID = "equip.best_run_id"
+BEST_RUN_NAME = "equip.best_run_name"
+BEST_VALUE = "equip.best."  # + swept key
+
+# ---------------------------------------------------------------- registration decision
+REGISTRY_DECISION = "equip.registry.decision"
+REGISTRY_REASON = "equip.registry.reason"
+REGISTRY_VERSION = "equip.registry.version"
+
+# Final metrics of the selected model, the same names for CNN and baseline runs.
+FINAL_METRICS = ("best_val_acc", "best_val_macro_f1", "best_val_loss")
+
+# Which way is better for each metric a run can be selected by (trainer.monitor).
+MONITOR_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
+
+# Config keys (and their sub-keys) that say where or how verbosely a job is recorded or
+# launched, not what it trains: left out of a job's identity, its run name and a sweep's key.
+NOT_IDENTITY = ("hydra", "tracking", "trainer.progress_bar", "multirun", "registry")
+
+
+def monitor_mode(monitor: str) -> str:
+    return MONITOR_MODES.get(monitor, "max")
+
+
+def is_identity_key(key: str) -> bool:
+    """False for config keys in NOT_IDENTITY (`key` may carry Hydra's +/~ prefixes)."""
+    key = key.lstrip("+~")
+    return not any(key == k or key.startswith((f"{k}.", f"{k}/")) for k in NOT_IDENTITY)
+
+
+def truncate(text: str, limit: int = MAX_TAG_VALUE) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quote(value: str) -> str:
+    """A value inside a single-quoted MLflow search filter."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def children_of(parent_id: str, status: str | None = None, config_hash: str | None = None) -> str:
+    """Filter for the child runs of a sweep's parent, optionally one status / one config."""
+    parts = [f"tags.{PARENT} = '{quote(parent_id)}'"]
+    if config_hash is not None:
+        parts.append(f"tags.`{CONFIG_HASH}` = '{quote(config_hash)}'")
+    if status is not None:
+        parts.append(f"attributes.status = '{status}'")
+    return " and ".join(parts)
+
+
+def sweep_parents(sweep_key: str | None = None) -> str:
+    """Filter for sweep parent runs (all of them, or the one sweep with `sweep_key`)."""
+    if sweep_key is None:
+        return f"tags.`{SWEEP_KEY}` != ''"
+    return f"tags.`{SWEEP_KEY}` = '{quote(sweep_key)}'"

@@ -1,0 +1,99 @@
+"""The train/val(/test) split: stratified, seeded, and grouped so near-duplicates stay together."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from equip.checks import check_fractions
+from equip.data import ImageSet
+from equip.errors import EquipError
+
+
+def split_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
+    """A group id per image: byte-identical files share one, and so do files of a class whose
+    names give the same `group_pattern` match (e.g. one product in several colourways)."""
+    parent = list(range(len(images.sha256)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    pattern = re.compile(group_pattern) if group_pattern else None
+    for i, (sha, path, label) in enumerate(
+        zip(images.sha256, images.paths, images.labels.tolist(), strict=True)
+    ):
+        keys = [sha]
+        if pattern and (m := pattern.search(Path(path).name)):
+            keys.append(f"{label}/{m.group(m.lastindex or 0)}")
+        for key in keys:
+            parent[find(i)] = find(first.setdefault(key, i))
+    return [images.sha256[find(i)] for i in range(len(parent))]
+
+
+def split_images(
+    images: ImageSet,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_pattern: str | None = None,
+) -> np.ndarray:
+    """Stratified, seeded split -> array of 'train' | 'val' | 'test' per image.
+
+    Whole groups (see split_groups) land on one side, so a duplicate or near-duplicate can never
+    leak a training image into validation.
+    """
+    check_fractions(val_fraction, test_fraction)
+    try:
+        group_of = split_groups(images, group_pattern)
+    except re.error as e:
+        raise EquipError(
+            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
+        ) from None
+    labels = images.labels.numpy()
+    side: dict[str, str] = {}
+    for c, name in enumerate(images.classes):
+        groups = sorted({group_of[i] for i in np.flatnonzero(labels == c)} - side.keys())
+        rng = np.random.default_rng([seed, c])
+        rng.shuffle(groups)
+        n_val = math.floor(len(groups) * val_fraction + 0.5)  # round half up, not to even
+        n_test = math.floor(len(groups) * test_fraction + 0.5)
+        if n_val < 1:
+            raise EquipError(
+                f"data.val_fraction={val_fraction} leaves class {name!r} ({len(groups)} distinct "
+                f"images) with no validation image. Raise data.val_fraction to at least "
+                f"{math.ceil(50 / max(len(groups), 1)) / 100:.2f} or add images to that class."
+            )
+        if test_fraction > 0 and n_test < 1:
+            raise EquipError(
+                f"data.test_fraction={test_fraction} leaves class {name!r} with no test image; "
+                "raise it or set data.test_fraction=0."
+            )
+        if len(groups) - n_val - n_test < 1:
+            raise EquipError(
+                f"class {name!r} has {len(groups)} distinct image(s): none left for training "
+                f"with val_fraction={val_fraction}, test_fraction={test_fraction}. Add images."
+            )
+        for i, g in enumerate(groups):
+            side[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return np.array([side[g] for g in group_of])
+
+
+def split_manifest(images: ImageSet, split: np.ndarray) -> str:
+    """CSV text: path, sha256, class, split: what a run trained and validated on."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "sha256", "class", "split"])
+    for path, sha, label, s in zip(
+        images.paths, images.sha256, images.labels.tolist(), split, strict=True
+    ):
+        w.writerow([path, sha, images.classes[label], s])
+    return buf.getvalue()

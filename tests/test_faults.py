@@ -1,0 +1,264 @@
+"""Faults and bad input, the way a user meets them: real train.py processes, a real sqlite store
+and a real `mlflow server` that the test kills and restarts. Nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from equip.training import train
+from tests.conftest import (
+    FAST,
+    ROOT,
+    TINY,
+    free_port,
+    make_cfg,
+    parent_and_children,
+    start_mlflow_server,
+    stop_process,
+    sweep,
+)
+
+PORT_NOBODY_LISTENS_ON = free_port()
+
+# (overrides, text the one line must contain). Every case must exit 2 with one line naming the
+# key, before any run exists.
+BAD_INPUTS = [
+    (["model.lr=abc"], "model.lr"),
+    (["model.lr=-1"], "model.lr"),
+    (["model.weight_decay=-1"], "model.weight_decay"),
+    (["model.dropout=1.0"], "model.dropout"),
+    (["model.hidden=abc"], "model.hidden"),
+    (["model.filters=[]"], "model.filters"),
+    (["model.filters=[8,8,8,8,8,8,8,8,8]"], "model.filters"),
+    (["model.kernel_sizes=99"], "model.kernel_sizes"),
+    (["model.kernel_sizes=[3,3,3]"], "model.kernel_sizes"),
+    (["model.pool=median"], "model.pool"),
+    (["model=nosuch"], "model/nosuch"),
+    (["model=baseline", "model.estimator=xgboost"], "model.estimator"),
+    (["model=baseline", "model.features=[sift]"], "model.features"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.batch_size=abc"], "data.batch_size"),
+    (["data.image_size=100000"], "data.image_size"),
+    (["data.image_size=0"], "data.image_size"),
+    (["data.per_class=0"], "data.per_class"),
+    (["data.val_fraction=0"], "data.val_fraction"),
+    (["data.val_fraction=0.6", "data.test_fraction=0.5"], "data.test_fraction"),
+    (["data.group_pattern='('"], "data.group_pattern"),
+    (["data.augment.crop_scale=2"], "data.augment.crop_scale"),
+    (["data.kind=xyz"], "data.kind"),
+    (["data=folder"], "data.root"),
+    (["data=folder", "data.root=/no/such/folder"], "data.root"),
+    (["data=folder", "data.per_class=3"], "data.per_class"),
+    (["trainer.max_epochs=1.5"], "trainer.max_epochs"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs"),
+    (["trainer.patience=-3"], "trainer.patience"),
+    (["trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
+    (["trainer.monitor=val_f1"], "trainer.monitor"),
+    (["seed=abc"], "seed"),
+    (["nosuchkey=1"], "nosuchkey"),
+    (["registry.enabled=true", "tracking.log_model=false"], "registry.enabled"),
+    (["tracking.uri=foo://bar"], "tracking.uri"),
+    (["tracking.uri=sqlite:/relative.db"], "tracking.uri"),
+    (["tracking.uri=sqlite:////proc/equip.db"], "tracking.uri"),
+    (["tracking.artifact_root=a_file/artifacts"], "tracking.artifact_root"),
+    ([f"tracking.uri=http://user:hunter2@127.0.0.1:{PORT_NOBODY_LISTENS_ON}"], "unreachable"),
+]
+
+
+def run_train(args: list[str], cwd: Path, env: dict | None = None):
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300, env={**base, **(env or {})},
+    )  # fmt: skip
+
+
+def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
+    def case(i: int) -> tuple[list[str], str, subprocess.CompletedProcess, Path]:
+        args, key = BAD_INPUTS[i]
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        (cwd / "a_file").write_text("not a folder")
+        return args, key, run_train(args, cwd), cwd
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(case, range(len(BAD_INPUTS))))
+    env_case = run_train([], tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite://x.db"})
+    results.append((["MLFLOW_TRACKING_URI=sqlite://x.db"], "MLFLOW_TRACKING_URI", env_case,
+                    tmp_path))  # fmt: skip
+    assert len(results) >= 30
+    for args, key, proc, cwd in results:
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        assert proc.returncode == 2, (args, proc.returncode, lines[-5:])
+        assert len(lines) == 1 and key in lines[0] and "equip: error:" in lines[0], (args, lines)
+        assert "Traceback" not in lines[0] and "hunter2" not in lines[0]
+        assert not list(cwd.glob("*.db")), (args, "a store was created")
+
+
+def start_training(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *TINY, "data.per_class=24", "trainer.patience=0",
+         "tracking.log_model=false", *args],
+        cwd=cwd, env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, db: Path | None = None):
+    """The RUNNING run, once it has logged its first epoch."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if db is None or db.exists():
+            try:
+                runs = client.search_runs(["1"], "attributes.status = 'RUNNING'")
+            except Exception:  # the store is still being created
+                runs = []
+            runs = [r for r in runs if "equip.pid" in r.data.tags]
+            if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+                return runs[0]
+        time.sleep(0.3)
+    raise AssertionError("no epoch was logged in time")
+
+
+def test_a_run_killed_with_sigkill_is_marked_killed_by_the_next_command(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    proc = start_training(tmp_path, "trainer.max_epochs=50")
+    run = wait_for_epoch(client, proc, tmp_path / "mlflow.db")
+    proc.kill()
+    proc.wait()
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody could say otherwise
+    nxt = run_train([*FAST, "trainer.max_epochs=1"], tmp_path)
+    assert nxt.returncode == 0, nxt.stderr[-3000:]
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert "is gone" in killed.data.tags["equip.error"]
+
+
+def test_ctrl_c_ends_the_run_killed_with_one_line_and_exit_130(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    proc = start_training(tmp_path, "trainer.max_epochs=50")
+    run = wait_for_epoch(client, proc, tmp_path / "mlflow.db")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by you" in err and "Traceback" not in err
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED" and "Ctrl-C" in ended.data.tags["equip.error"]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_sweep_stops_it_and_the_rerun_completes_it(
+    tmp_path: Path,
+):
+    port = free_port()
+    server = start_mlflow_server(port, tmp_path / "server")
+    uri = f"http://127.0.0.1:{port}"
+    client = MlflowClient(uri)
+    args = ("model.filters=[4],[8],[4,8]", "trainer.max_epochs=4", "data.per_class=24",
+            "tracking.outage_s=3")  # fmt: skip
+    proc = sweep(*args, cwd=tmp_path, env_uri=uri, wait=False)
+    deadline = time.time() + 300
+    finished = []
+    while not finished:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.3)
+        try:
+            finished = client.search_runs(
+                ["1"], "attributes.status = 'FINISHED' and tags.mlflow.parentRunId != ''"
+            )
+        except Exception:
+            finished = []
+    stop_process(server)  # the store goes away in the middle of the second job
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "The sweep stops here" in err and "Traceback" not in err
+
+    server = start_mlflow_server(port, tmp_path / "server")  # the same store comes back
+    try:
+        rerun = sweep(*args, cwd=tmp_path, env_uri=uri)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        parent, children = parent_and_children(client)
+        done = [c for c in children if c.info.status == "FINISHED"]
+        assert len({c.data.tags["equip.config_hash"] for c in done}) == 3
+        assert finished[0].info.run_id in {c.info.run_id for c in done}  # not trained again
+        assert all(c.info.status != "RUNNING" for c in children)
+        assert parent.info.status == "FINISHED"
+    finally:
+        stop_process(server)
+
+
+SECRETS = {
+    "+data.conn": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=AcctKEY0secret==;",
+    "+model.api_key": "ApiKEY1secret",
+    "+tracking.bearer": "BearerTOKEN2secret",
+    "+model.blob_url": "https://a.blob.core.windows.net/c?sv=2024&sig=SasSIG3secret",
+    "+model.token_note": "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.BEARER4secret",
+}
+
+
+def test_no_secret_reaches_the_store_the_artifacts_or_the_checkpoint(tmp_path: Path):
+    port = free_port()
+    server = start_mlflow_server(port, tmp_path / "server")
+    try:
+        overrides = [f"{k}='{v}'" for k, v in SECRETS.items()]
+        cfg = make_cfg(*overrides, "trainer.max_epochs=1",
+                       f"tracking.uri=http://equip:PassWORD5secret@127.0.0.1:{port}")  # fmt: skip
+        result = train(cfg, overrides)
+        assert MlflowClient(f"http://127.0.0.1:{port}").get_run(result["run_id"]).info.status \
+            == "FINISHED"  # fmt: skip
+    finally:
+        stop_process(server)
+    files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.suffix == ".db" for p in files)
+    leaked = {(p.name, s) for p in files for s in ("AcctKEY0secret", "ApiKEY1secret",
+              "BearerTOKEN2secret", "SasSIG3secret", "BEARER4secret", "PassWORD5secret")
+              if s.encode() in p.read_bytes()}  # fmt: skip
+    assert leaked == set()
+
+
+@pytest.mark.slow
+def test_killing_a_joblib_sweep_stops_its_workers(tmp_path: Path):
+    args = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.filters=[4],[8]",
+            "trainer.max_epochs=200", "data.per_class=24")  # fmt: skip
+    proc = sweep(*args, cwd=tmp_path, wait=False)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.time() + 240
+    while len(running_children(client)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    workers = {int(r.data.tags["equip.pid"]) for r in running_children(client)}
+    assert proc.pid not in workers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(p) for p in workers), "sweep workers kept training"
+
+
+def running_children(client: MlflowClient) -> list:
+    try:
+        return client.search_runs(
+            ["1"], "attributes.status = 'RUNNING' and tags.mlflow.parentRunId != ''"
+        )
+    except Exception:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped training
