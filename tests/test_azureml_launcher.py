@@ -22,7 +22,7 @@ pytest.importorskip("azureml.mlflow")
 
 from azure.ai.ml import load_job  # noqa: E402
 
-from equip.azureml_launch import pip_requirements  # noqa: E402
+from equip.azureml_jobs import pip_requirements  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 WORKSPACE = ["tracking=azureml", "tracking.subscription_id=00000000-0000-0000-0000-000000000000",
@@ -100,11 +100,13 @@ def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
         assert child_tags == {"equip.azureml_job": job.name,
                               "equip.launch_key": job.tags["equip.launch_key"]}  # fmt: skip
         argv = shlex.split(job.command)
-        assert argv[:3] == ["python", "train.py", "-m"]
-        overrides = dict(a.split("=", 1) for a in argv[3:] if "=" in a)
+        assert argv[:2] == ["python", "train.py"] and "-m" not in argv  # a plain run: a child
+        overrides = dict(a.split("=", 1) for a in argv[2:] if "=" in a)  # through its env vars
         assert overrides["sweep"] == "architecture" and overrides["tracking"] == "azureml"
         assert not any(k.startswith("tracking.") for k in overrides)  # the injected URI is used
-        assert "~hydra.callbacks.sweep_tracker" in argv  # the parent exists: no second one
+        assert overrides["multirun.continue_on_failure"] == "false"  # the launcher decides
+        assert overrides["+hydra.callbacks.azureml_job._target_"] == "equip.azureml_run.RemoteJob"
+        assert not any(k.startswith(("hydra/", "hydra.s")) for k in overrides)
         points.add(tuple(overrides[k] for k in ("model.filters", "model.kernel_sizes",
                                                  "model.hidden", "model.batch_norm")))  # fmt: skip
     grid = itertools.product(["[32,64]", "[32,64,128]", "[16,32,64,128]"], ["3", "5"],
@@ -120,11 +122,8 @@ def test_an_optuna_sweep_gets_one_job_per_trial_each_a_single_trial_on_the_clust
     assert len(jobs) == 2
     for job in jobs:
         argv = shlex.split(job.command)
-        assert {
-            "sweep=learning_rate",
-            "hydra.sweeper.n_trials=1",
-            "hydra.sweeper.params=null",
-        } <= set(argv)
+        assert "sweep=learning_rate" in argv and "-m" not in argv  # one trial = one plain run
+        assert not [a for a in argv if a.startswith("hydra.sweeper")]
         assert {a.split("=")[0] for a in argv if a.startswith(("model.", "data."))} == {
             "model.lr",
             "model.weight_decay",
@@ -344,7 +343,7 @@ def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_pa
     code = project_copy(tmp_path)
     launcher, parent = launcher_for(store, "hydra.launcher.max_concurrent=1")
     service = FakeAzureML(store, code=code)
-    launcher._client = service
+    launcher.service.client = service
     points = [[*TINY, "tracking.log_model=false", f"model.lr={lr}"] for lr in (0.001, 0.003)]
     returns = launcher.launch(points, initial_job_idx=0)
 
@@ -368,10 +367,10 @@ def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_pa
 
 
 def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
-    over = ["trainer.monitor=val_loss", "trainer.monitor_mode=min"]
+    over = ["trainer.monitor=val_loss"]  # lower is better
     points = [[*over, f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)]
     launcher, _ = launcher_for(store)
-    launcher._client = service = FakeAzureML(store, fail=("model.lr=0.003",))
+    launcher.service.client = service = FakeAzureML(store, fail=("model.lr=0.003",))
     returns = launcher.launch(points, initial_job_idx=0)
     values = [r.return_value for r in returns]
     assert values[:2] == pytest.approx([-0.1, -0.2])  # val_loss, negated for the sweeper
@@ -380,7 +379,7 @@ def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
 
     # Resumed: finished jobs are not submitted again; the failed one is.
     launcher, _ = launcher_for(store)
-    launcher._client = service = FakeAzureML(store)
+    launcher.service.client = service = FakeAzureML(store)
     returns = launcher.launch(points, initial_job_idx=0)
     assert len(service.submitted) == 1
     assert "model.lr=0.003" in next(iter(service.submitted.values())).command
@@ -388,8 +387,8 @@ def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
     assert capsys.readouterr().err.count("already FINISHED as run") == 2
 
     launcher, _ = launcher_for(store)
-    launcher._client = FakeAzureML(store, fail=("model.lr=0.004",))
-    point = [*over, "sweep.continue_on_failure=false", "model.lr=0.004"]
+    launcher.service.client = FakeAzureML(store, fail=("model.lr=0.004",))
+    point = [*over, "multirun.continue_on_failure=false", "model.lr=0.004"]
     (ret,) = launcher.launch([point], initial_job_idx=3)
     with pytest.raises(RuntimeError, match="ended Failed"):
         _ = ret.return_value  # Hydra's sweeper raises it and the sweep stops
@@ -397,7 +396,7 @@ def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
 
 def test_ctrl_c_cancels_submitted_jobs(store, sweep_env, capsys):
     launcher, _ = launcher_for(store, "hydra.launcher.max_concurrent=2")
-    launcher._client = service = FakeAzureML(store, interrupt_on_poll=True)
+    launcher.service.client = service = FakeAzureML(store, interrupt_on_poll=True)
     with pytest.raises(KeyboardInterrupt):
         launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
     assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
@@ -406,7 +405,7 @@ def test_ctrl_c_cancels_submitted_jobs(store, sweep_env, capsys):
 
 def test_a_refused_submission_cancels_the_others_and_is_one_line(store, sweep_env, capsys):
     launcher, _ = launcher_for(store, "hydra.launcher.max_concurrent=3")
-    launcher._client = service = FakeAzureML(store, refuse_after=2)
+    launcher.service.client = service = FakeAzureML(store, refuse_after=2)
     with pytest.raises(SystemExit) as stop:
         launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
     assert stop.value.code == 2
@@ -417,14 +416,14 @@ def test_a_refused_submission_cancels_the_others_and_is_one_line(store, sweep_en
 
 def test_status_blips_are_retried_and_a_lasting_outage_stops_the_sweep(store, sweep_env, capsys):
     launcher, _ = launcher_for(store)
-    launcher._client = service = FakeAzureML(store)
+    launcher.service.client = service = FakeAzureML(store)
     service.blips = 3
     (ret,) = launcher.launch([["model.lr=0.001"]], initial_job_idx=0)
     assert ret.return_value == pytest.approx(0.999)
     assert capsys.readouterr().err.count("retrying at the next poll") == 3
 
     launcher, _ = launcher_for(store)
-    launcher._client = service = FakeAzureML(store)
+    launcher.service.client = service = FakeAzureML(store)
     service.blips = 100
     with pytest.raises(SystemExit):
         launcher.launch([["model.lr=0.002"]], initial_job_idx=1)
@@ -453,7 +452,8 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
     from hydra import compose, initialize_config_dir
     from mlflow import MlflowClient
 
-    from equip.azureml_launch import SubmitRun
+    from equip.azureml_run import SubmitRun
+    from equip.azureml_service import JobService
     from tests.conftest import TINY
 
     code = project_copy(tmp_path)
@@ -464,8 +464,10 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
                                           "tracking.log_model=false", "model.lr=0.003"],
                       return_hydra_config=True)  # fmt: skip
     service = FakeAzureML(store, code=code)
-    monkeypatch.setattr("equip.azureml_launch.AzureMLLauncher._ml_client", lambda self: service)
-    monkeypatch.setattr("equip.tracking.resolve_uri", lambda tracking: store)
+    jobs = JobService(cfg.tracking, "cpu-cluster", "launch")
+    jobs.client = service
+    monkeypatch.setattr(SubmitRun, "service", lambda self, config, settings: jobs)
+    monkeypatch.setattr("equip.store.resolve_uri", lambda tracking: store)
     with pytest.raises(SystemExit) as done:
         SubmitRun().on_run_start(cfg)
     assert done.value.code == 0
