@@ -21,6 +21,7 @@ from equip.tracking import config_params
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
 SWEPT_ENV = "EQUIP_SWEPT_KEYS"
 SWEEP_PID_ENV = "EQUIP_SWEEP_PID"  # the process that runs the sweep (workers exit with it)
+DRY_RUN_PARENT = "DRY-RUN-NO-PARENT-RUN"  # a launcher's dry run: jobs are written, never run
 
 
 @dataclass(frozen=True)

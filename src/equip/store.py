@@ -278,6 +278,7 @@ def azureml_uri(tracking: DictConfig) -> str:
     sub, group, name = _workspace(tracking)
     from azure.identity import DefaultAzureCredential
 
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)  # its failure is reported below
     try:
         token = DefaultAzureCredential(exclude_interactive_browser_credential=True).get_token(
             "https://management.azure.com/.default"

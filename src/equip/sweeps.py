@@ -113,6 +113,9 @@ class SweepTracker(Callback):
                 for point, why in bad:
                     console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
                 raise SystemExit(2)
+        if config.hydra.launcher.get("dry_run"):  # a launcher that only writes job files:
+            job.export_sweep(job.DRY_RUN_PARENT, swept_keys(config))  # no store, no parent run
+            return
         try:
             store.connect(config.tracking)
         except EquipError as e:
