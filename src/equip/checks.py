@@ -115,6 +115,12 @@ def check_data(d: DictConfig) -> None:
         except re.error as e:
             raise EquipError(f"data.group_pattern={d.group_pattern!r} is not a valid regex: {e}. "
                              r"Example: '^(\d+)[x_]'.") from None  # fmt: skip
+    if d.folds is not None:
+        folds = _integer(d, "folds", 2, 100)
+        _integer(d, "fold", 0, folds - 1)
+        if d.test_fraction:
+            raise EquipError(f"data.test_fraction={d.test_fraction} with data.folds={folds}: "
+                             "each image is validated once; set data.test_fraction=0.")  # fmt: skip
     a = d.augment
     if a.crop_scale is not None and not 0 < _number(a, "crop_scale") <= 1:
         raise EquipError(f"data.augment.crop_scale={a.crop_scale} must be in (0, 1], or null.")

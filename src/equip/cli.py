@@ -78,8 +78,10 @@ def print_done(result: dict) -> None:
     m = result["metrics"]
     where = (f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
              if "best_epoch" in m else "")  # fmt: skip
+    ci = (f" [95% CI {m['best_val_acc_ci_low']:.3f}-{m['best_val_acc_ci_high']:.3f}, "
+          f"n={m['val_images']:.0f}]" if "val_images" in m else "")  # fmt: skip
     console.print(
-        f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{where}, "
+        f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{ci}{where}, "
         f"macro-F1 {m['best_val_macro_f1']:.3f}, trained in {m['train_time_s']:.0f} s",
         highlight=False,
     )

@@ -23,7 +23,9 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
     same_split = (f"params.`data.split_seed` = '{d.split_seed}' and "
                   f"params.`data.val_fraction` = '{d.val_fraction}' and "
                   f"params.`data.test_fraction` = '{d.test_fraction}' and "
-                  f"params.`data.group_pattern` = '{pattern}'")  # fmt: skip
+                  f"params.`data.group_pattern` = '{pattern}' and "
+                  f"params.`data.folds` = '{_param(d.folds)}' and "
+                  f"params.`data.fold` = '{d.fold}'")  # fmt: skip
     runs = client.search_runs(
         [experiment_id],
         f"params.`model.name` = 'baseline' and tags.`{schema.DATA_FINGERPRINT}` = '{fingerprint}' "
@@ -32,6 +34,10 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def _param(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def register_if_better(

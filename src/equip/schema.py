@@ -34,6 +34,7 @@ MONITOR_MODE = "equip.monitor_mode"
 BEST_RUN_ID = "equip.best_run_id"
 BEST_RUN_NAME = "equip.best_run_name"
 BEST_VALUE = "equip.best."  # + swept key
+CV_SUMMARY = "equip.cv_summary"  # 'k-fold CV (mean ± std): ...' of a sweep over data.fold
 
 # ---------------------------------------------------------------- registration decision
 REGISTRY_DECISION = "equip.registry.decision"

@@ -31,7 +31,7 @@ from equip.job import JobContext, config_hash, finished_twin
 from equip.model import Classifier, mflops_per_image
 from equip.redaction import redact_overrides
 from equip.runtime import apply_fast_path
-from equip.split import split_images, split_manifest
+from equip.split import split_for, split_manifest
 
 log = logging.getLogger(__name__)
 # Deliberate choices Lightning warns about: in-memory data needs no loader workers (measured: 2
@@ -59,9 +59,7 @@ def train(
         apply_fast_path(job.parallel_jobs)
         uri = tracking.connect(cfg.tracking)
         images = load_images(cfg.data)
-        d = cfg.data
-        split = split_images(images, d.val_fraction, d.test_fraction, d.split_seed,
-                             d.group_pattern)  # fmt: skip
+        split = split_for(images, cfg.data)
         exp_id = tracking.experiment_id(cfg.tracking.experiment, cfg.tracking.artifact_root)
         name = tracking.run_name(cfg, job.name_overrides())
         cfg_hash = config_hash(cfg, images.fingerprint)
