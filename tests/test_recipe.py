@@ -79,3 +79,48 @@ def test_cv_sweep_parent_carries_mean_std_and_an_interval(store: str, tmp_path):
     assert parent.data.tags["equip.cv_summary"].startswith("3-fold CV")
     for c in children:
         assert c.data.metrics["val_images"] == float(c.data.params["dataset.val_images"])
+
+
+# ---------------------------------------------------------------- defaults assume nothing
+def write_arrows(root, per_class: int = 24, size: int = 40, seed: int = 0) -> None:
+    """Greyscale arrows pointing left or right: two classes that differ only by a mirror."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for name, sign in (("left", -1), ("right", 1)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("L", (size, size), int(rng.integers(200, 256)))
+            d = ImageDraw.Draw(img)
+            cx, cy = rng.integers(14, size - 14, 2)
+            half, ink = int(rng.integers(7, 11)), int(rng.integers(0, 80))
+            d.line([(cx - half, cy), (cx + half, cy)], fill=ink, width=2)
+            tip = cx + sign * half
+            d.polygon([(tip, cy), (tip - sign * 6, cy - 5), (tip - sign * 6, cy + 5)], fill=ink)
+            img.save(root / name / f"{name}{i}.png")
+
+
+def test_asymmetric_symbols_are_not_flipped_by_default(tmp_path):
+    from equip.data import build_augment
+
+    write_arrows(tmp_path / "arrows", per_class=2)
+    cfg = make_cfg("data=folder", f"data.root={tmp_path / 'arrows'}", tiny=False)
+    augment = build_augment(cfg.data.augment, cfg.data.image_size)
+    images = load_images(cfg.data)
+    right = images.images[images.labels == images.classes.index("right")][0]
+    seen = [right if augment is None else augment(right) for _ in range(50)]
+    assert not any(torch.equal(x, right.flip(-1)) for x in seen)
+    assert all(torch.equal(x, right) for x in seen)  # no augmentation at all by default
+
+
+def test_default_cnn_does_not_lose_to_the_default_baseline_on_symbols(store: str, tmp_path):
+    from equip.training import train
+
+    write_arrows(tmp_path / "arrows")
+    data = ["data=folder", f"data.root={tmp_path / 'arrows'}", "data.image_size=32",
+            "data.cache_dir=null", "trainer.progress_bar=false",
+            "tracking.log_model=false"]  # fmt: skip
+    base = train(make_cfg(*data, "model=baseline", tiny=False))
+    cnn = train(make_cfg(*data, tiny=False))
+    assert base["metrics"]["best_val_acc"] > 0.5  # the task is learnable
+    assert cnn["metrics"]["best_val_acc"] >= base["metrics"]["best_val_acc"]
