@@ -124,3 +124,31 @@ def test_default_cnn_does_not_lose_to_the_default_baseline_on_symbols(store: str
     cnn = train(make_cfg(*data, tiny=False))
     assert base["metrics"]["best_val_acc"] > 0.5  # the task is learnable
     assert cnn["metrics"]["best_val_acc"] >= base["metrics"]["best_val_acc"]
+
+
+# ---------------------------------------------------------------- the baseline as a model
+def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from equip.synthetic import CLASSES
+    from equip.training import train
+    from tests.conftest import write_pngs
+
+    result = train(make_cfg("model=baseline"))
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    files = write_pngs(tmp_path / "photos", 3)
+    values = [str(f) for f in files[:2]] + [base64.b64encode(files[2].read_bytes()).decode()]
+    out = model.predict(pd.DataFrame({"image": values}))
+    assert list(out.columns[:2]) == ["class", "probability"]
+    assert [c.removeprefix("p_") for c in out.columns[2:]] == list(CLASSES)
+    assert out["class"].isin(CLASSES).all() and len(out) == 3
+    assert np.allclose(out.filter(like="p_").sum(1), 1, atol=1e-5)
+    assert (out["probability"] == out.filter(like="p_").max(1)).all()
+    # The same files through equip.predict's loader, by run id.
+    from equip.predict import load_predictor
+
+    again = load_predictor(result["run_id"])(pd.DataFrame({"image": values}))
+    assert (again["class"] == out["class"]).all()

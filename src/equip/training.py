@@ -88,6 +88,12 @@ def train(
             from equip.baseline import fit_and_log
 
             result = fit_and_log(cfg, images, split, run_id, job.parallel_jobs)
+            pipeline = result.pop("pipeline")
+            if cfg.tracking.log_model:  # raw images in, like the CNN's pyfunc
+                from equip.baseline_serving import log_baseline_pyfunc
+
+                result["model_uri"] = log_baseline_pyfunc(pipeline, images.classes,
+                                                          cfg.data.image_size)  # fmt: skip
         else:
             extra = list(callbacks)
             if job.in_sweep and job.median_stop is not None:
