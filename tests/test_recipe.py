@@ -152,3 +152,61 @@ def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
 
     again = load_predictor(result["run_id"])(pd.DataFrame({"image": values}))
     assert (again["class"] == out["class"]).all()
+
+
+# ---------------------------------------------------------------- the recipe
+RECIPE = ["model.filters=[8,16]", "model.convs_per_block=2", "model.residual=true",
+          "model.batch_norm=true", "model.head=gap", "model.label_smoothing=0.1",
+          "data.augment.rotation=10", "data.augment.translate=0.1", "data.augment.erasing=0.5",
+          "tracking.log_model=false"]  # fmt: skip
+
+
+def _val_probs(result: dict) -> torch.Tensor:
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model import Classifier
+
+    ckpt = download_artifacts(run_id=result["run_id"], artifact_path="checkpoints/best.ckpt")
+    model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    images = load_images(make_cfg().data)
+    with torch.inference_mode():
+        return model(images.images[:32]).softmax(1)
+
+
+def test_recipe_trains_from_yaml_keys_and_tta_ema_change_predictions_deterministically(store):
+    from equip.training import train
+
+    plain = train(make_cfg(*RECIPE))
+    again = train(make_cfg(*RECIPE))
+    tta = train(make_cfg(*RECIPE, "model.tta=hflip"))
+    ema = train(make_cfg(*RECIPE, "model.ema_decay=0.9"))
+    p_plain, p_again, p_tta, p_ema = map(_val_probs, (plain, again, tta, ema))
+    assert torch.equal(p_plain, p_again)  # seeded: the same config, the same predictions
+    assert not torch.allclose(p_plain, p_tta) and not torch.allclose(p_plain, p_ema)
+    assert plain["metrics"]["best_val_acc"] == again["metrics"]["best_val_acc"]
+    assert torch.allclose(p_tta.sum(1), torch.ones(32))
+    # TTA is the mean of the image's and its mirror's probabilities, from the same weights.
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model import Classifier
+
+    ckpt = download_artifacts(run_id=tta["run_id"], artifact_path="checkpoints/best.ckpt")
+    model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    x = load_images(make_cfg().data).images[:32]
+    with torch.inference_mode():
+        expected = (model.net(x).softmax(1) + model.net(x.flip(-1)).softmax(1)) / 2
+    assert torch.allclose(p_tta, expected, atol=1e-6)
+
+
+def test_recipe_keys_are_checked():
+    from equip.checks import check_config
+
+    for override, message in (
+        ("model.convs_per_block=0", "model.convs_per_block=0 must be"),
+        ("model.label_smoothing=1.5", "model.label_smoothing=1.5 must be"),
+        ("model.ema_decay=1", "model.ema_decay=1 must be"),
+        ("model.tta=vflip", "model.tta='vflip' is not one of: none, hflip"),
+        ("data.augment.erasing=2", "data.augment.erasing=2 must be"),
+    ):
+        with pytest.raises(EquipError, match=message):
+            check_config(make_cfg(override))

@@ -20,7 +20,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 
 from equip import __version__, reports, schema, tracking
 from equip.callbacks import EpochMetrics, MedianStopping
@@ -162,6 +167,8 @@ def _fit_cnn(
     callbacks: list[pl.Callback] = [checkpoint, epochs, *extra_callbacks]
     if t.patience > 0:
         callbacks.append(EarlyStopping(t.monitor, patience=t.patience, mode=mode))
+    if cfg.model.ema_decay:  # validated and checkpointed with the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=cfg.model.ema_decay))
     if t.progress_bar:
         callbacks.append(RichProgressBar())
     trainer = pl.Trainer(
