@@ -210,3 +210,83 @@ def test_recipe_keys_are_checked():
     ):
         with pytest.raises(EquipError, match=message):
             check_config(make_cfg(override))
+
+
+# ---------------------------------------------------------------- final fit and the CV gate
+CV_DATA = ["data.per_class=12", "data.image_size=32", "data.folds=3"]
+GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
+            "trainer.max_epochs=5", "model.lr=0.003", "trainer.patience=0"]  # fmt: skip
+WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
+                 "model.features=[color_hist]"]  # fmt: skip
+
+
+def _cv(*overrides: str) -> tuple[str, list[dict]]:
+    """A CV sweep run in-process: a parent run and one child per fold, as sweep=cv makes."""
+    from equip.job import JobContext
+    from equip.leaderboard import summarize
+    from equip.training import train
+
+    make_cfg()  # hydra composes before the store is touched
+    import mlflow
+
+    from equip.tracking import connect, experiment_id
+
+    connect(make_cfg().tracking)
+    client = MlflowClient()
+    parent = client.create_run(experiment_id("equip", "mlartifacts"), run_name="cv",
+                               tags={"equip.swept_keys": "data.fold",
+                                     "equip.sweep_key": "k" + str(len(overrides))})  # fmt: skip
+    pid = parent.info.run_id
+    results = []
+    for k in range(3):
+        job = JobContext(overrides=[f"data.fold={k}"], parent_run_id=pid,
+                         swept_keys=["data.fold"])  # fmt: skip
+        results.append(train(make_cfg(*CV_DATA, *overrides, f"data.fold={k}"), job))
+    summarize(pid)
+    client.set_terminated(pid)
+    assert mlflow.active_run() is None
+    return pid, results
+
+
+@pytest.mark.slow
+def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(store: str):
+    from equip.training import train
+
+    pid, folds = _cv(*GOOD_CNN, "tracking.log_model=false")
+    data = [o for o in CV_DATA if not o.startswith("data.folds")]
+    final = train(make_cfg(*data, *GOOD_CNN, "final_fit=true"), ["final_fit=true"])
+    run = MlflowClient(store).get_run(final["run_id"])
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["dataset.train_images"] == "144" and p["dataset.val_images"] == "0"
+    assert t["equip.final_fit"] == "true" and t["equip.cv_parent_run_id"] == pid
+    accs = [f["metrics"]["best_val_acc"] for f in folds]
+    assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs)) and m["cv_folds"] == 3
+    mean_epoch = np.mean([f["metrics"]["best_epoch"] for f in folds])
+    assert m["epochs_trained"] == max(1, round(mean_epoch) + 1)
+    assert "best_val_acc" not in m
+    assert final["model_uri"]  # the model users get back is the one trained on everything
+
+
+@pytest.mark.slow
+def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
+    from equip.training import train
+
+    data = [o for o in CV_DATA if not o.startswith("data.folds")]
+    register = ["final_fit=true", "registry.enabled=true", "registry.gate=cv",
+                "registry.name=gear"]  # fmt: skip
+    no_cv = train(make_cfg(*data, *GOOD_CNN, *register), [])
+    assert not no_cv["registry"]["registered"]
+    assert "no complete CV sweep" in no_cv["registry"]["reason"]
+    _cv(*WEAK_BASELINE)
+    cnn_parent, _ = _cv(*GOOD_CNN, "tracking.log_model=false")
+    result = train(make_cfg(*data, *GOOD_CNN, *register), [])
+    r = result["registry"]
+    assert r["registered"], r["reason"]
+    assert "mean paired difference +" in r["reason"] and "over 3 folds" in r["reason"]
+    mv = MlflowClient(store).get_model_version_by_alias("gear", "champion")
+    assert mv.tags["equip.cv_parent_run_id"] == cnn_parent and mv.tags["equip.gate"] == "cv"
+    assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
+    from equip.checks import check_config
+
+    with pytest.raises(EquipError, match="final_fit=true has no validation score"):
+        check_config(make_cfg("final_fit=true", "registry.enabled=true"))

@@ -40,6 +40,20 @@ def check_config(cfg: DictConfig) -> None:
         check_model(cfg.model, cfg.data.image_size)
         check_trainer(cfg.trainer)
     _integer(cfg, "seed")
+    if _flag(cfg, "final_fit"):
+        if cfg.model.name == "baseline":
+            raise EquipError("final_fit=true retrains a CNN on every image; the baseline is "
+                             "fitted in seconds on any split: drop final_fit=true.")  # fmt: skip
+        if cfg.data.folds is not None:
+            raise EquipError(f"final_fit=true trains on every image: drop data.folds="
+                             f"{cfg.data.folds} (its CV sweep gives the score).")  # fmt: skip
+    _choice(cfg.registry, "gate", ("holdout", "cv"), "registry")
+    if cfg.registry.enabled and cfg.registry.gate == "cv" and cfg.data.folds is not None:
+        raise EquipError("registry.gate=cv registers a model trained outside the CV sweep: "
+                         "drop data.folds and use final_fit=true.")  # fmt: skip
+    if cfg.registry.enabled and cfg.final_fit and cfg.registry.gate != "cv":
+        raise EquipError("final_fit=true has no validation score to compare: use "
+                         "registry.gate=cv with registry.enabled=true.")  # fmt: skip
     if cfg.registry.enabled:
         if not cfg.tracking.log_model:
             raise EquipError("registry.enabled=true needs the model logged: drop "
