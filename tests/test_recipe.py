@@ -213,9 +213,9 @@ def test_recipe_keys_are_checked():
 
 
 # ---------------------------------------------------------------- final fit and the CV gate
-CV_DATA = ["data.per_class=12", "data.image_size=32", "data.folds=3"]
+CV_DATA = ["data.per_class=20", "data.image_size=40", "data.folds=3"]
 GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
-            "trainer.max_epochs=5", "model.lr=0.003", "trainer.patience=0"]  # fmt: skip
+            "trainer.max_epochs=6", "model.lr=0.003", "trainer.patience=0"]  # fmt: skip
 WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
                  "model.features=[color_hist]"]  # fmt: skip
 
@@ -257,7 +257,7 @@ def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(store: st
     final = train(make_cfg(*data, *GOOD_CNN, "final_fit=true"), ["final_fit=true"])
     run = MlflowClient(store).get_run(final["run_id"])
     p, m, t = run.data.params, run.data.metrics, run.data.tags
-    assert p["dataset.train_images"] == "144" and p["dataset.val_images"] == "0"
+    assert p["dataset.train_images"] == "240" and p["dataset.val_images"] == "0"
     assert t["equip.final_fit"] == "true" and t["equip.cv_parent_run_id"] == pid
     accs = [f["metrics"]["best_val_acc"] for f in folds]
     assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs)) and m["cv_folds"] == 3
