@@ -97,7 +97,6 @@ def fit_and_log(
     cfg: DictConfig, images: ImageSet, split: np.ndarray, run_id: str, parallel_jobs: int = 1
 ) -> dict[str, Any]:
     """The baseline's side of equip.training.train(): fit, evaluate and log like a CNN run."""
-    import mlflow
     import torch
 
     from equip import reports, tracking
@@ -124,15 +123,5 @@ def fit_and_log(
     # The per-epoch names too, so baseline and CNN runs sort side by side in the MLflow UI.
     tracking.log_metrics(run_id, {k.removeprefix("best_"): v for k, v in final.items()
                                   if k.startswith("best_val_")}, step=0)  # fmt: skip
-    result: dict[str, Any] = {"metrics": final}
-    if cfg.tracking.log_model:
-        import mlflow.sklearn
-        from mlflow.models import infer_signature
-
-        signature = infer_signature(x_val[:2], pipeline.predict(x_val[:2]))
-        info = mlflow.sklearn.log_model(pipeline, name="model", signature=signature,
-                                        skops_trusted_types=TRUSTED_SKLEARN_TYPES,
-                                        metadata={"classes": images.classes,
-                                                  "image_size": cfg.data.image_size})  # fmt: skip
-        result["model_uri"] = info.model_uri
-    return result
+    # The caller logs the pipeline as a raw-image pyfunc (equip.baseline_serving).
+    return {"metrics": final, "pipeline": pipeline}

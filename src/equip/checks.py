@@ -21,6 +21,7 @@ ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu")
 HEADS = ("flatten", "gap")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
+TTAS = ("none", "hflip")
 ESTIMATORS = ("logreg", "random_forest", "svm")
 FEATURES = ("pixels", "hog", "color_hist")
 DATA_KINDS = ("synthetic", "folder")
@@ -39,6 +40,20 @@ def check_config(cfg: DictConfig) -> None:
         check_model(cfg.model, cfg.data.image_size)
         check_trainer(cfg.trainer)
     _integer(cfg, "seed")
+    if _flag(cfg, "final_fit"):
+        if cfg.model.name == "baseline":
+            raise EquipError("final_fit=true retrains a CNN on every image; the baseline is "
+                             "fitted in seconds on any split: drop final_fit=true.")  # fmt: skip
+        if cfg.data.folds is not None:
+            raise EquipError(f"final_fit=true trains on every image: drop data.folds="
+                             f"{cfg.data.folds} (its CV sweep gives the score).")  # fmt: skip
+    _choice(cfg.registry, "gate", ("holdout", "cv"), "registry")
+    if cfg.registry.enabled and cfg.registry.gate == "cv" and cfg.data.folds is not None:
+        raise EquipError("registry.gate=cv registers a model trained outside the CV sweep: "
+                         "drop data.folds and use final_fit=true.")  # fmt: skip
+    if cfg.registry.enabled and cfg.final_fit and cfg.registry.gate != "cv":
+        raise EquipError("final_fit=true has no validation score to compare: use "
+                         "registry.gate=cv with registry.enabled=true.")  # fmt: skip
     if cfg.registry.enabled:
         if not cfg.tracking.log_model:
             raise EquipError("registry.enabled=true needs the model logged: drop "
@@ -115,10 +130,19 @@ def check_data(d: DictConfig) -> None:
         except re.error as e:
             raise EquipError(f"data.group_pattern={d.group_pattern!r} is not a valid regex: {e}. "
                              r"Example: '^(\d+)[x_]'.") from None  # fmt: skip
+    if d.folds is not None:
+        folds = _integer(d, "folds", 2, 100)
+        _integer(d, "fold", 0, folds - 1)
+        if d.test_fraction:
+            raise EquipError(f"data.test_fraction={d.test_fraction} with data.folds={folds}: "
+                             "each image is validated once; set data.test_fraction=0.")  # fmt: skip
     a = d.augment
     if a.crop_scale is not None and not 0 < _number(a, "crop_scale") <= 1:
         raise EquipError(f"data.augment.crop_scale={a.crop_scale} must be in (0, 1], or null.")
     _number(a, "color_jitter", 0)
+    _number(a, "rotation", 0, 180)
+    _number(a, "translate", 0, 0.5)
+    _number(a, "erasing", 0, 1)
     _flag(a, "hflip")
     _flag(a, "vflip")
     if kind == "synthetic":
@@ -167,9 +191,10 @@ def check_model(m: Mapping, image_size: int) -> None:
         raise EquipError(f"model.kernel_sizes={list(ks)} must be ints.")
     for key, allowed in (
         ("pool", POOLS), ("activation", ACTIVATIONS), ("head", HEADS),
-        ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
+        ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("tta", TTAS),
     ):  # fmt: skip
         _choice(m, key, allowed, "model")
+    check_recipe(m)
     for key in ("lr", "weight_decay", "dropout"):
         if isinstance(m[key], bool) or not isinstance(m[key], int | float):
             raise EquipError(f"model.{key}={m[key]!r} must be a number.")
@@ -202,6 +227,21 @@ def check_model(m: Mapping, image_size: int) -> None:
             )
         if m["pool"] != "none":
             size //= 2
+
+
+def check_recipe(m: Mapping) -> None:
+    n = m["convs_per_block"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 8:
+        raise EquipError(f"model.convs_per_block={n!r} must be a whole number in [1, 8].")
+    if not isinstance(m["residual"], bool):
+        raise EquipError(f"model.residual={m['residual']!r} must be true or false.")
+    ls = m["label_smoothing"]
+    if isinstance(ls, bool) or not isinstance(ls, int | float) or not 0 <= ls < 1:
+        raise EquipError(f"model.label_smoothing={ls!r} must be in [0, 1), e.g. 0.1.")
+    ema = m["ema_decay"]
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float)
+                            or not 0 < ema < 1):  # fmt: skip
+        raise EquipError(f"model.ema_decay={ema!r} must be in (0, 1), e.g. 0.99, or null (off).")
 
 
 def check_baseline(m: Mapping[str, Any]) -> None:

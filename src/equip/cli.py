@@ -154,13 +154,23 @@ def report(cfg: DictConfig, result: dict) -> float:
 
 def print_done(result: dict) -> None:
     m = result["metrics"]
-    where = (f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
-             if "best_epoch" in m else "")  # fmt: skip
-    console.print(
-        f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{where}, "
-        f"macro-F1 {m['best_val_macro_f1']:.3f}, trained in {m['train_time_s']:.0f} s",
-        highlight=False,
-    )
+    if "best_val_acc" not in m:  # a final fit: no val images, the CV sweep's estimate instead
+        cv = (f"CV estimate val_acc {m['cv_mean_best_val_acc']:.3f} over {m['cv_folds']:.0f} "
+              "folds" if "cv_mean_best_val_acc" in m else "no CV estimate")  # fmt: skip
+        console.print(f"[bold green]done[/] {result['run_name']}: final fit on every image, "
+                      f"{m['epochs_trained']:.0f} epochs, trained in {m['train_time_s']:.0f} s; "
+                      f"{cv}", highlight=False)  # fmt: skip
+    else:
+        where = (f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
+                 if "best_epoch" in m else "")  # fmt: skip
+        ci = (f" [95% CI {m['best_val_acc_ci_low']:.3f}-{m['best_val_acc_ci_high']:.3f}, "
+              f"n={m['val_images']:.0f}]" if "val_images" in m else "")  # fmt: skip
+        console.print(
+            f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{ci}"
+            f"{where}, macro-F1 {m['best_val_macro_f1']:.3f}, trained in "
+            f"{m['train_time_s']:.0f} s",
+            highlight=False,
+        )
     if "registry" in result:
         r = result["registry"]
         verdict = f"registered as version {r['version']}" if r["registered"] else "not registered"

@@ -258,9 +258,16 @@ def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
         steps.append(v2.RandomHorizontalFlip())
     if augment.vflip:
         steps.append(v2.RandomVerticalFlip())
+    if augment.rotation or augment.translate:
+        t = augment.translate
+        # Photos are padded onto white: fill the uncovered corners white too, not black.
+        steps.append(v2.RandomAffine(augment.rotation, translate=(t, t) if t else None,
+                                     fill=255))  # fmt: skip
     if augment.color_jitter:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if augment.erasing:  # occlusion: a white rectangle, like a missing part on the white ground
+        steps.append(v2.RandomErasing(p=augment.erasing, value=255))
     return v2.Compose(steps) if steps else None
 
 

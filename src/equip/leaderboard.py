@@ -23,6 +23,7 @@ from equip.errors import EquipError
 from equip.redaction import strip_secrets
 
 METRICS = schema.FINAL_METRICS
+CV_KEY = "data.fold"  # a sweep over only this key is a cross-validation
 
 
 def leaderboard(parent_id: str) -> tuple[Any, list[dict[str, Any]], list[str]]:
@@ -45,7 +46,8 @@ def board_row(run, keys: list[str]) -> dict[str, Any]:
     return {
         "run_name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
         **{k: p.get(k, "") for k in keys},
-        **{k: m.get(k) for k in METRICS},
+        **{k: m.get(k) for k in METRICS}, "acc_95ci": _interval(m),
+        "val_images": m.get("val_images"), "best_epoch": m.get("best_epoch"),
         "epochs": m.get("epochs_trained"), "train_time_s": m.get("train_time_s"),
         "params": p.get("arch.params"), "pruned": t.get(schema.PRUNED) == "true",
         "error": t.get(schema.ERROR, ""), "start_time": run.info.start_time,
@@ -86,8 +88,54 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _interval(m: dict[str, float]) -> str:
+    """'0.912-0.968': the 95% Wilson interval of val accuracy, from the number of val images."""
+    low, high = m.get("best_val_acc_ci_low"), m.get("best_val_acc_ci_high")
+    return "" if low is None or high is None else f"{low:.3f}-{high:.3f}"
+
+
 def board_columns(keys: list[str]) -> list[str]:
-    return ["rank", "run_name", *keys, *METRICS, "epochs", "train_time_s", "params", "status"]
+    return ["rank", "run_name", *keys, METRICS[0], "acc_95ci", *METRICS[1:], "epochs",
+            "train_time_s", "params", "status"]  # fmt: skip
+
+
+def cv_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and standard deviation (ddof=1) across the finished folds of a cross-validation,
+    and a 95% Wilson interval of the pooled accuracy (each image is validated exactly once)."""
+    import numpy as np
+
+    from equip.reports import wilson_interval
+
+    done = [r for r in rows if r["status"] == "FINISHED" and r.get(METRICS[0]) is not None]
+    out: dict[str, float] = {"cv_folds": float(len(done))}
+    if not done:
+        return out
+    for k in (*METRICS, "train_time_s"):
+        values = np.array([r[k] for r in done if r.get(k) is not None], dtype=float)
+        if len(values):
+            out[f"cv_mean_{k}"] = float(values.mean())
+            out[f"cv_std_{k}"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    if all(r.get("val_images") for r in done):
+        n = sum(int(r["val_images"]) for r in done)
+        correct = round(sum(r[METRICS[0]] * r["val_images"] for r in done))
+        out["cv_val_images"] = float(n)
+        out["cv_pooled_acc"] = correct / n
+        out["cv_pooled_acc_ci_low"], out["cv_pooled_acc_ci_high"] = wilson_interval(correct, n)
+    return out
+
+
+def cv_line(cv: dict[str, float]) -> str:
+    """'5-fold CV: val_acc 0.953 ± 0.012, ...' for the terminal."""
+    parts = [f"{k.removeprefix('cv_mean_best_')} {cv[k]:.4f} ± {cv[k.replace('mean', 'std')]:.4f}"
+             for k in cv if k.startswith("cv_mean_best_")]  # fmt: skip
+    line = f"{cv['cv_folds']:.0f}-fold CV (mean ± std): " + ", ".join(parts)
+    if "cv_pooled_acc" in cv:
+        line += (f"; pooled val_acc {cv['cv_pooled_acc']:.4f} [95% CI "
+                 f"{cv['cv_pooled_acc_ci_low']:.3f}-{cv['cv_pooled_acc_ci_high']:.3f}, "
+                 f"n={cv['cv_val_images']:.0f}]")  # fmt: skip
+    if "cv_mean_train_time_s" in cv:
+        line += f"; {cv['cv_mean_train_time_s']:.0f} s per fold"
+    return line
 
 
 def _header(column: str) -> str:
@@ -120,6 +168,11 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
     client.log_text(parent_id, _html(cols, rows), "sweep/leaderboard.html")
     tracking.log_metrics(parent_id, counts, step=0)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
+    cv = cv_summary(rows) if keys == [CV_KEY] else None
+    if cv is not None:  # the estimate is the folds' mean, not the luckiest fold
+        tracking.log_metrics(parent_id, cv, step=0)
+        client.set_tag(parent_id, schema.CV_SUMMARY, cv_line(cv))
+        best = None
     if best:
         client.set_tag(parent_id, schema.BEST_RUN_ID, best["run_id"])
         client.set_tag(parent_id, schema.BEST_RUN_NAME, best["run_name"])
@@ -134,7 +187,7 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-    return {"parent": parent, "rows": rows, "keys": keys, "counts": counts}
+    return {"parent": parent, "rows": rows, "keys": keys, "counts": counts, "cv": cv}
 
 
 def _html(cols: list[str], rows: list[dict[str, Any]]) -> str:
@@ -205,6 +258,10 @@ def print_board(board: dict[str, Any]) -> None:
     counts = board.get("counts")
     if counts:
         out.print(", ".join(f"{k.removeprefix('jobs_')}: {v}" for k, v in counts.items()))
+    if board.get("cv") is None and keys == [CV_KEY]:
+        board["cv"] = cv_summary(rows)
+    if (board.get("cv") or {}).get("cv_folds"):
+        out.print(cv_line(board["cv"]), highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,9 @@
 """The CNN built from `conf/model/*.yaml` and its LightningModule.
 
 Default = the Lab05 architecture: 3-channel input -> [Conv2d -> MaxPool] x len(filters) -> Dense.
+Recipe options: several convs per block, residual blocks, label smoothing, test-time
+augmentation (model.tta, applied by forward() in eval mode, so evaluation, the pyfunc and
+equip.predict all use it); weight averaging (model.ema_decay) is a Lightning callback.
 """
 
 from __future__ import annotations
@@ -21,19 +24,49 @@ POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 assert set(ACTIVATIONS) == set(checks.ACTIVATIONS) and set(POOLS) == set(checks.POOLS)
 assert set(OPTIMIZERS) == set(checks.OPTIMIZERS)
+# Keys added after the first release: checkpoints saved before them load with these values.
+RECIPE_DEFAULTS = {"convs_per_block": 1, "residual": False, "label_smoothing": 0.0,
+                   "ema_decay": None, "tta": "none"}  # fmt: skip
+
+
+def _convs(c_in: int, c_out: int, k: int, n: int, batch_norm: bool, act, last_act: bool):
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, k, padding="same",
+                                bias=not batch_norm))  # fmt: skip
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        if last_act or i < n - 1:
+            layers.append(act())
+    return layers
+
+
+class ResidualBlock(nn.Module):
+    """act(convs(x) + skip(x)); the skip is a 1x1 conv where the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, n: int, batch_norm: bool, act):
+        super().__init__()
+        self.body = nn.Sequential(*_convs(c_in, c_out, k, n, batch_norm, act, last_act=False))
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
 
 
 def build_net(m: Mapping, num_classes: int, image_size: int) -> nn.Sequential:
+    m = {**RECIPE_DEFAULTS, **m}
     checks.check_model(m, image_size)
     act = ACTIVATIONS[m["activation"]]
     pool = POOLS[m["pool"]]
     layers: list[nn.Module] = [Normalize()]
     c_in, size = 3, image_size
+    n, bn = m["convs_per_block"], m["batch_norm"]
     for c_out, k in zip(m["filters"], kernel_sizes(m), strict=True):
-        layers.append(nn.Conv2d(c_in, c_out, k, padding="same", bias=not m["batch_norm"]))
-        if m["batch_norm"]:
-            layers.append(nn.BatchNorm2d(c_out))
-        layers.append(act())
+        if m["residual"]:
+            layers.append(ResidualBlock(c_in, c_out, k, n, bn, act))
+        else:  # flat, as before: older checkpoints keep their layer names
+            layers += _convs(c_in, c_out, k, n, bn, act, last_act=True)
         if pool is not None:
             layers.append(pool(2))
             size //= 2
@@ -86,8 +119,9 @@ class Classifier(pl.LightningModule):
         num_classes = len(classes)
         self.classes, self.image_size = list(classes), image_size
         self.net = build_net(model, num_classes, image_size).to(memory_format=torch.channels_last)
-        self.opt = dict(model)
-        self.loss = nn.CrossEntropyLoss()
+        self.opt = {**RECIPE_DEFAULTS, **model}
+        self.tta = self.opt["tta"]
+        self.loss = nn.CrossEntropyLoss(label_smoothing=self.opt["label_smoothing"])
         metrics = torchmetrics.MetricCollection(
             {
                 "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro"),
@@ -99,7 +133,12 @@ class Classifier(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test_")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.training or self.tta == "none":
+            return self.net(x)
+        # hflip TTA: mean of the probabilities of the image and its mirror, returned as log
+        # probabilities so that softmax (serving) and cross-entropy (val_loss) still apply.
+        probs = self.net(x).softmax(1) + self.net(x.flip(-1)).softmax(1)
+        return (probs / 2).log()
 
     def _step(self, batch, stage: str, metrics: torchmetrics.MetricCollection) -> torch.Tensor:
         x, y = batch

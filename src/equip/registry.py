@@ -1,4 +1,5 @@
-"""Gated registration: a model enters the registry only if it beats the classical baseline.
+"""Gated registration: a model enters the registry only if it beats the classical baseline,
+on the hold-out split (registry.gate=holdout) or fold by fold in cross-validation (gate=cv).
 
 The same MLflow registry calls work against a local database store and an Azure ML workspace;
 where a registry has no aliases (Azure ML), the champion is marked with a version tag instead.
@@ -23,7 +24,9 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
     same_split = (f"params.`data.split_seed` = '{d.split_seed}' and "
                   f"params.`data.val_fraction` = '{d.val_fraction}' and "
                   f"params.`data.test_fraction` = '{d.test_fraction}' and "
-                  f"params.`data.group_pattern` = '{pattern}'")  # fmt: skip
+                  f"params.`data.group_pattern` = '{pattern}' and "
+                  f"params.`data.folds` = '{_param(d.folds)}' and "
+                  f"params.`data.fold` = '{d.fold}'")  # fmt: skip
     runs = client.search_runs(
         [experiment_id],
         f"params.`model.name` = 'baseline' and tags.`{schema.DATA_FINGERPRINT}` = '{fingerprint}' "
@@ -34,45 +37,41 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
     return runs[0] if runs else None
 
 
+def _param(value) -> str:
+    return "null" if value is None else str(value)
+
+
 def register_if_better(
-    run_id: str, model_uri: str, cfg: DictConfig, fingerprint: str, score: float
-) -> dict[str, Any]:
-    """Register the run's model when it beats the baseline; record the decision on the run."""
+    run_id: str, model_uri: str, cfg: DictConfig, fingerprint: str, score: float,
+    cv_key: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Register the run's model when it beats the baseline; record the decision on the run.
+
+    registry.gate=holdout compares `score` with the best baseline run on the same split;
+    registry.gate=cv compares the config's CV sweep with the baseline's CV on the same folds,
+    fold by fold, and `score` becomes the CV mean."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     reg = cfg.registry
     experiment_id = client.get_run(run_id).info.experiment_id
-    baseline = best_baseline(client, experiment_id, cfg, fingerprint)
-    decision: dict[str, Any] = {"registered": False, "score": score}
-    if baseline is None:
-        decision["reason"] = (
-            f"no baseline run on data fingerprint {fingerprint} with this split; run "
-            "`python train.py model=baseline` with the same data settings first, or set "
-            "registry.require_baseline=false"
-        )
-        if reg.require_baseline:
-            return _record(client, run_id, decision)
-        base_score = float("-inf")
+    if reg.gate == "cv":
+        gate = _cv_gate(client, experiment_id, cfg, fingerprint, cv_key or "")
+        if gate.get("score") is not None:
+            score = gate["score"]
     else:
-        base_score = baseline.data.metrics.get(reg.metric, float("-inf"))
-        decision.update(baseline_run_id=baseline.info.run_id, baseline_score=base_score)
-        if not score > base_score:
-            decision["reason"] = (f"{reg.metric} {score:.4f} does not beat the baseline's "
-                                  f"{base_score:.4f} (run {baseline.info.run_id})")  # fmt: skip
-            return _record(client, run_id, decision)
+        gate = _holdout_gate(client, experiment_id, cfg, fingerprint, score)
+    decision: dict[str, Any] = {"registered": False, "score": score, "reason": gate["reason"]}
+    if not gate["passed"]:
+        return _record(client, run_id, decision)
     tags = {"equip.run_id": run_id, f"equip.{reg.metric}": f"{score:.6f}",
-            "equip.data_fingerprint": fingerprint}  # fmt: skip
-    if baseline is not None:
-        tags |= {"equip.baseline_run_id": baseline.info.run_id,
-                 f"equip.baseline_{reg.metric}": f"{base_score:.6f}",
-                 "equip.margin": f"{score - base_score:.6f}"}  # fmt: skip
+            "equip.data_fingerprint": fingerprint, "equip.gate": str(reg.gate),
+            **gate.get("tags", {})}  # fmt: skip
     import mlflow
 
     version = mlflow.register_model(model_uri, reg.name, tags=tags).version
-    decision.update(registered=True, version=str(version), reason="beats the baseline"
-                    if baseline is not None else "registered without a baseline")  # fmt: skip
+    decision.update(registered=True, version=str(version))
     champion = _champion_score(client, reg)
     if champion is None or score > champion:
         try:
@@ -86,6 +85,62 @@ def register_if_better(
         decision["champion"] = False
         decision["reason"] += f"; the current {reg.alias} scores {champion:.4f}, alias unchanged"
     return _record(client, run_id, decision)
+
+
+def _holdout_gate(client, experiment_id: str, cfg: DictConfig, fingerprint: str,
+                  score: float) -> dict[str, Any]:  # fmt: skip
+    reg = cfg.registry
+    baseline = best_baseline(client, experiment_id, cfg, fingerprint)
+    if baseline is None:
+        reason = (f"no baseline run on data fingerprint {fingerprint} with this split; run "
+                  "`python train.py model=baseline` with the same data settings first, or set "
+                  "registry.require_baseline=false")  # fmt: skip
+        if reg.require_baseline:
+            return {"passed": False, "reason": reason}
+        return {"passed": True, "reason": "registered without a baseline"}
+    base_score = baseline.data.metrics.get(reg.metric, float("-inf"))
+    if not score > base_score:
+        return {"passed": False, "reason": f"{reg.metric} {score:.4f} does not beat the "
+                f"baseline's {base_score:.4f} (run {baseline.info.run_id})"}  # fmt: skip
+    return {"passed": True, "reason": "beats the baseline",
+            "tags": {"equip.baseline_run_id": baseline.info.run_id,
+                     f"equip.baseline_{reg.metric}": f"{base_score:.6f}",
+                     "equip.margin": f"{score - base_score:.6f}"}}  # fmt: skip
+
+
+def _cv_gate(client, experiment_id: str, cfg: DictConfig, fingerprint: str,
+             cv_key: str) -> dict[str, Any]:  # fmt: skip
+    """Pass when the config's CV beats the baseline's on the same folds by >= 2 standard errors
+    of the mean paired difference (the folds share their val images, so pair them)."""
+    from equip.crossval import baseline_cv, config_cv, paired_difference
+
+    reg = cfg.registry
+    model = config_cv(client, experiment_id, cv_key, reg.metric)
+    if model is None:
+        return {"passed": False, "reason": "registry.gate=cv: no complete CV sweep of this "
+                "config on this data; run `python train.py -m sweep=cv` with the same "
+                "overrides first"}  # fmt: skip
+    base = baseline_cv(client, experiment_id, fingerprint, model, reg.metric)
+    if base is None:
+        reason = (f"registry.gate=cv: no baseline CV on data {fingerprint} with the same "
+                  f"{model.folds} folds; run `python train.py -m sweep=cv model=baseline` with "
+                  "the same data settings first")  # fmt: skip
+        if reg.require_baseline:
+            return {"passed": False, "reason": reason, "score": model.mean}
+        return {"passed": True, "reason": "registered without a baseline", "score": model.mean}
+    d = paired_difference(model, base)
+    text = (f"CV {reg.metric} {model.mean:.4f} vs baseline {base.mean:.4f}: mean paired "
+            f"difference {d['mean_diff']:+.4f}, standard error {d['se']:.4f} over "
+            f"{d['folds']:.0f} folds")  # fmt: skip
+    passed = d["mean_diff"] > 0 and d["mean_diff"] >= 2 * d["se"]
+    return {"passed": passed, "score": model.mean,
+            "reason": f"{text}: {'beats' if passed else 'does not beat'} the baseline by "
+                      "2 standard errors",
+            "tags": {"equip.cv_parent_run_id": model.parent_id,
+                     "equip.baseline_cv_parent_run_id": base.parent_id,
+                     f"equip.baseline_{reg.metric}": f"{base.mean:.6f}",
+                     "equip.margin": f"{d['mean_diff']:.6f}",
+                     "equip.margin_se": f"{d['se']:.6f}"}}  # fmt: skip
 
 
 def _tagged_champions(client, reg: DictConfig) -> list:

@@ -85,6 +85,16 @@ def close(fig) -> None:
     plt.close(fig)
 
 
+def wilson_interval(correct: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on n images (sound near 0 and 1)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(correct), int(n)).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def log_evaluation(
     run_id: str, classes: list[str], y_true: torch.Tensor, probs: torch.Tensor,
     final: dict[str, float], step: int,
@@ -97,8 +107,13 @@ def log_evaluation(
 
     y_pred = probs.argmax(1)
     table = per_class_table(classes, y_true, y_pred)
+    correct = int((y_true == y_pred).sum())
+    low, high = wilson_interval(correct, len(y_true))
     final = {
-        "best_val_acc": float((y_true == y_pred).float().mean()),
+        "best_val_acc": correct / max(len(y_true), 1),
+        "best_val_acc_ci_low": low,
+        "best_val_acc_ci_high": high,
+        "val_images": float(len(y_true)),
         "best_val_macro_f1": float(np.mean(table["f1"])),
         "best_val_loss": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y_true)),
         **final,

@@ -16,6 +16,9 @@ DATA_FINGERPRINT = "equip.data_fingerprint"
 DATA_SOURCE = "equip.data_source"  # decoded | disk-cache | memory
 CONFIG_HASH = "equip.config_hash"  # identity of a job: resumed sweeps skip FINISHED twins
 MODEL_KIND = "equip.model_kind"
+CV_KEY = "equip.cv_key"  # a config's identity bar its split: a CV sweep and its final fit share it
+FINAL_FIT = "equip.final_fit"  # 'true' on a model retrained on every image (final_fit=true)
+CV_PARENT = "equip.cv_parent_run_id"  # the CV sweep whose estimate a final fit carries
 ERROR = "equip.error"  # why a run ended FAILED or KILLED
 PRUNED = "equip.pruned"
 PRUNED_REASON = "equip.pruned_reason"
@@ -38,6 +41,7 @@ MONITOR_MODE = "equip.monitor_mode"
 BEST_RUN_ID = "equip.best_run_id"
 BEST_RUN_NAME = "equip.best_run_name"
 BEST_VALUE = "equip.best."  # + swept key
+CV_SUMMARY = "equip.cv_summary"  # 'k-fold CV (mean ± std): ...' of a sweep over data.fold
 
 # ---------------------------------------------------------------- registration decision
 REGISTRY_DECISION = "equip.registry.decision"
@@ -53,6 +57,8 @@ MONITOR_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
 # Config keys (and their sub-keys) that say where or how verbosely a job is recorded or
 # launched, not what it trains: left out of a job's identity, its run name and a sweep's key.
 NOT_IDENTITY = ("hydra", "tracking", "trainer.progress_bar", "multirun", "registry")
+# ...and the keys that only choose the split, left out of a config's CV key.
+SPLIT_KEYS = ("data.fold", "data.folds", "data.val_fraction", "data.test_fraction", "final_fit")
 
 
 def monitor_mode(monitor: str) -> str:

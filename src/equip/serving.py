@@ -55,9 +55,9 @@ def read_image_value(value: Any, row: int, image_root: str | None = None) -> byt
         raise BadImageInput(f"row {row}: not base64-encoded image bytes{where}") from None
 
 
-def classify(model, raw_images: Sequence[bytes], batch_size: int = 64) -> pd.DataFrame:
-    """Decode and preprocess exactly as in training, then classify. `model` is a Classifier."""
-    import torch
+def decode_images(raw_images: Sequence[bytes], image_size: int) -> np.ndarray:
+    """Encoded images -> (N, 3, S, S) uint8, preprocessed exactly as in training; the pixel
+    bound is checked from each header before anything is decoded."""
     from PIL import Image
 
     from equip.data import preprocess
@@ -66,29 +66,39 @@ def classify(model, raw_images: Sequence[bytes], batch_size: int = 64) -> pd.Dat
     for i, raw in enumerate(raw_images):
         try:
             with Image.open(io.BytesIO(raw)) as img:
-                if img.width * img.height > MAX_PIXELS:  # known from the header, before decoding
+                if img.width * img.height > MAX_PIXELS:
                     raise BadImageInput(f"image {i} has {img.width}x{img.height} pixels; at most "
                                         f"{MAX_PIXELS // 10**6} MP are accepted")  # fmt: skip
                 img.load()
-                arrays.append(preprocess(img, model.image_size))
+                arrays.append(preprocess(img, image_size))
         except BadImageInput:
             raise
         except Exception as e:
             raise BadImageInput(f"image {i} could not be decoded as an image "
                                 f"({type(e).__name__})") from None  # fmt: skip
-    x = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, 1, 1)
-    with torch.inference_mode():
-        probs = torch.cat(
-            [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
-        ) if len(x) else torch.empty(0, len(model.classes))  # fmt: skip
-    best = probs.argmax(1) if len(x) else torch.empty(0, dtype=torch.long)
+    return np.stack(arrays) if arrays else np.zeros((0, 3, image_size, image_size), np.uint8)
+
+
+def as_frame(classes: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
+    """The output contract of every equip model: class, probability, p_<class>."""
     out = pd.DataFrame({
-        "class": [model.classes[i] for i in best.tolist()],
-        "probability": probs.max(1).values.numpy() if len(x) else [],
+        "class": [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else [],
+        "probability": probs.max(1).astype(np.float64) if len(probs) else [],
     })  # fmt: skip
-    for j, name in enumerate(model.classes):
-        out[f"p_{name}"] = probs[:, j].numpy()
+    for j, name in enumerate(classes):
+        out[f"p_{name}"] = probs[:, j].astype(np.float64)
     return out
+
+
+def classify(model, raw_images: Sequence[bytes], batch_size: int = 64) -> pd.DataFrame:
+    """Decode and preprocess exactly as in training, then classify. `model` is a Classifier."""
+    import torch
+
+    x = torch.from_numpy(decode_images(raw_images, model.image_size))
+    with torch.inference_mode():
+        probs = [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+    return as_frame(model.classes, torch.cat(probs).numpy() if probs else
+                    np.zeros((0, len(model.classes)), np.float32))  # fmt: skip
 
 
 def read_images(model_input: pd.DataFrame, image_root: str | None) -> list[bytes]:

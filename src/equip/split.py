@@ -87,6 +87,45 @@ def split_images(
     return np.array([side[g] for g in group_of])
 
 
+def fold_split(
+    images: ImageSet, folds: int, fold: int, seed: int, group_pattern: str | None = None
+) -> np.ndarray:
+    """Fold `fold` of a grouped, stratified k-fold -> 'train' | 'val' per image.
+
+    The groups are split_images' (duplicates and data.group_pattern matches stay together), so
+    the k validation folds are disjoint, cover every image once and never split a group.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    try:
+        group_of = split_groups(images, group_pattern)
+    except re.error as e:
+        raise EquipError(
+            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
+        ) from None
+    labels = images.labels.numpy()
+    for c, name in enumerate(images.classes):
+        n = len({group_of[i] for i in np.flatnonzero(labels == c)})
+        if n < folds:
+            raise EquipError(
+                f"data.folds={folds}: class {name!r} has only {n} distinct image group(s), so "
+                f"some fold would have none of it. Use data.folds={max(n, 2)} or fewer."
+            )
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    _, val_idx = list(cv.split(np.zeros(len(labels)), labels, group_of))[fold]
+    split = np.full(len(labels), "train", dtype=object)
+    split[val_idx] = "val"
+    return split.astype(str)
+
+
+def split_for(images: ImageSet, data) -> np.ndarray:
+    """The split a data config asks for: fold `data.fold` of `data.folds`, or the hold-out."""
+    if data.get("folds"):
+        return fold_split(images, data.folds, data.fold, data.split_seed, data.group_pattern)
+    return split_images(images, data.val_fraction, data.test_fraction, data.split_seed,
+                        data.group_pattern)  # fmt: skip
+
+
 def split_manifest(images: ImageSet, split: np.ndarray) -> str:
     """CSV text: path, sha256, class, split: what a run trained and validated on."""
     buf = io.StringIO()

@@ -20,18 +20,23 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 
 from equip import __version__, reports, schema, store, tracking
 from equip.callbacks import EpochMetrics, MedianStopping
 from equip.checks import check_config
 from equip.data import ImageDataModule, ImageSet, load_images
 from equip.failures import record_failure
-from equip.job import JobContext, config_hash, finished_twin
+from equip.job import JobContext, config_hash, cv_key, finished_twin
 from equip.model import Classifier, mflops_per_image
 from equip.redaction import redact_overrides, redact_tree
 from equip.runtime import apply_fast_path, exit_with
-from equip.split import split_images, split_manifest
+from equip.split import split_for, split_manifest
 
 log = logging.getLogger(__name__)
 # Deliberate choices Lightning warns about: in-memory data needs no loader workers (measured: 2
@@ -61,12 +66,21 @@ def train(
             exit_with(job.sweep_pid)  # a worker of a parallel sweep dies with the sweep
         uri = store.connect(cfg.tracking)
         images = load_images(cfg.data)
-        d = cfg.data
-        split = split_images(images, d.val_fraction, d.test_fraction, d.split_seed,
-                             d.group_pattern)  # fmt: skip
         exp_id = store.experiment_id(cfg.tracking)
         name = tracking.run_name(cfg, job.name_overrides())
         cfg_hash = config_hash(cfg, images.fingerprint)
+        key = cv_key(cfg, images.fingerprint)
+        cv_tags, cv_metrics, epochs = {}, {}, None
+        if cfg.final_fit:  # every image trains; the score is this config's CV estimate
+            split = np.full(len(images.labels), "train")
+            cv, epochs = _final_fit_plan(cfg, exp_id, key)
+            if cv is not None:
+                cv_tags[schema.CV_PARENT] = cv.parent_id
+                cv_metrics = {f"cv_mean_{cfg.registry.metric}": cv.mean,
+                              "cv_folds": float(cv.folds)}  # fmt: skip
+            cv_tags[schema.FINAL_FIT] = "true"
+        else:
+            split = split_for(images, cfg.data)
         if job.in_sweep and job.resume:
             twin = finished_twin(exp_id, job.parent_run_id, cfg_hash)
             if twin is not None:  # a resumed sweep: this exact config already finished
@@ -76,7 +90,8 @@ def train(
                         "location": where}  # fmt: skip
         tags = {schema.VERSION: __version__, schema.DATA_FINGERPRINT: images.fingerprint,
                 schema.DATA_SOURCE: images.source, schema.CONFIG_HASH: cfg_hash,
-                schema.MODEL_KIND: str(cfg.model.name), **job.extra_tags, **store.process_tags(),
+                schema.MODEL_KIND: str(cfg.model.name), schema.CV_KEY: key, **cv_tags,
+                **job.extra_tags, **store.process_tags(),
                 **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
         ckpt_dir = tempfile.mkdtemp(prefix="equip-ckpt-")
         checkpoint = ModelCheckpoint(
@@ -92,18 +107,27 @@ def train(
             from equip.baseline import fit_and_log
 
             result = fit_and_log(cfg, images, split, run_id, job.parallel_jobs)
+            pipeline = result.pop("pipeline")
+            if cfg.tracking.log_model:  # raw images in, like the CNN's pyfunc
+                from equip.baseline_serving import log_baseline_pyfunc
+
+                result["model_uri"] = log_baseline_pyfunc(pipeline, images.classes,
+                                                          cfg.data.image_size)  # fmt: skip
         else:
             extra = list(callbacks)
             if job.in_sweep and job.median_stop is not None:
                 extra.append(MedianStopping(run_id, exp_id, job.parent_run_id,
                                             cfg.trainer.monitor, job.median_stop))  # fmt: skip
-            result = _fit_cnn(cfg, images, split, run_id, checkpoint, extra)
+            result = _fit_cnn(cfg, images, split, run_id, checkpoint, extra, epochs)
+        if cv_metrics:
+            tracking.log_metrics(run_id, cv_metrics, step=0)
+            result["metrics"].update(cv_metrics)
         if cfg.registry.enabled and result.get("model_uri"):
             from equip.registry import register_if_better
 
-            score = result["metrics"][cfg.registry.metric]
+            score = result["metrics"].get(cfg.registry.metric, float("nan"))
             result["registry"] = register_if_better(
-                run_id, result["model_uri"], cfg, images.fingerprint, score
+                run_id, result["model_uri"], cfg, images.fingerprint, score, key
             )
     except BaseException as e:
         best = checkpoint.best_model_path if checkpoint is not None else None
@@ -116,6 +140,20 @@ def train(
     result.update(run_id=run_id, run_name=name, experiment_id=exp_id,
                   location=tracking.run_location(uri, exp_id, run_id))  # fmt: skip
     return result
+
+
+def _final_fit_plan(cfg: DictConfig, experiment_id: str, key: str):
+    """(the config's CV sweep or None, epochs to train): the epochs the folds selected."""
+    from mlflow import MlflowClient
+
+    from equip.crossval import config_cv, final_fit_epochs
+
+    cv = config_cv(MlflowClient(), experiment_id, key, cfg.registry.metric)
+    if cv is None:
+        log.warning("final fit: no complete CV sweep of this config on this data (run "
+                    "`python train.py -m sweep=cv` with the same overrides): training "
+                    "trainer.max_epochs=%s epochs, no score", cfg.trainer.max_epochs)  # fmt: skip
+    return cv, final_fit_epochs(cv, cfg)
 
 
 def _log_inputs(cfg: DictConfig, overrides: Sequence[str], images: ImageSet, split: np.ndarray):
@@ -146,7 +184,11 @@ def _fit_cnn(
     run_id: str,
     checkpoint: ModelCheckpoint,
     extra_callbacks: Sequence[pl.Callback],
+    n_epochs: int | None = None,
 ) -> dict[str, Any]:
+    """Train and evaluate on the val images; with none (a final fit) train `n_epochs` epochs
+    and keep the last weights."""
+    final_fit = not (split == "val").any()
     # Seed before the weights exist: a job's result must not depend on the jobs before it.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # Lightning saves these hyper-parameters inside every checkpoint: never a secret among them.
@@ -159,16 +201,21 @@ def _fit_cnn(
     t = cfg.trainer
     mode = schema.monitor_mode(t.monitor)
     epochs = EpochMetrics(run_id)
-    callbacks: list[pl.Callback] = [checkpoint, epochs, *extra_callbacks]
-    if t.patience > 0:
+    callbacks: list[pl.Callback] = [epochs, *extra_callbacks]
+    if not final_fit:
+        callbacks.insert(0, checkpoint)
+    if t.patience > 0 and not final_fit:
         callbacks.append(EarlyStopping(t.monitor, patience=t.patience, mode=mode))
+    if cfg.model.ema_decay:  # validated and checkpointed with the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=cfg.model.ema_decay))
     if t.progress_bar:
         callbacks.append(RichProgressBar())
     trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_epochs=t.max_epochs, logger=False,
+        accelerator="auto", devices=1, max_epochs=n_epochs or t.max_epochs, logger=False,
         callbacks=callbacks, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0,
-        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=0 if final_fit else t.limit_val_batches,
     )  # fmt: skip
     dm = ImageDataModule(images, split, cfg.data, cfg.seed)
     t0 = time.perf_counter()
@@ -180,7 +227,6 @@ def _fit_cnn(
         best = str(Path(checkpoint.dirpath) / "last.ckpt")
         trainer.save_checkpoint(best)
     model = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
-    y_true, probs = _predict(model, dm.subset("val"))
     final = {
         "best_epoch": _best_epoch(epochs.history, t.monitor, mode),
         "epochs_trained": len(epochs.history),
@@ -190,8 +236,13 @@ def _fit_cnn(
     if (split == "test").any():
         t_true, t_probs = _predict(model, dm.subset("test"))
         final["test_acc"] = float((t_true == t_probs.argmax(1)).float().mean())
-    final = reports.log_evaluation(run_id, images.classes, y_true, probs, final,
-                                   len(epochs.history))  # fmt: skip
+    if final_fit:  # nothing left to validate on: the score is the CV estimate
+        final["best_epoch"] = len(epochs.history) - 1
+        tracking.log_metrics(run_id, final, step=len(epochs.history))
+    else:
+        y_true, probs = _predict(model, dm.subset("val"))
+        final = reports.log_evaluation(run_id, images.classes, y_true, probs, final,
+                                       len(epochs.history))  # fmt: skip
     if epochs.history:
         fig = reports.learning_curves_figure(epochs.history)
         mlflow.log_figure(fig, "eval/learning_curves.png")

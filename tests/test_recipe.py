@@ -1,0 +1,292 @@
+"""Issue 10: an honest estimate (grouped, stratified k-fold CV) and a stronger recipe."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from equip.data import load_images
+from equip.errors import EquipError
+from equip.split import fold_split, split_groups
+from tests.conftest import make_cfg, parent_and_children, sweep
+
+
+def _named_with_duplicates():
+    """Synthetic images named as products in two colourways, plus byte-identical copies."""
+    images = load_images(make_cfg("data.per_class=12").data)
+    paths = [f"/d/{images.classes[y]}/{1000 + i // 2}x{i % 2}.jpg"
+             for i, y in enumerate(images.labels.tolist())]  # fmt: skip
+    n = 6  # the first six images again, byte for byte, under other names
+    return replace(
+        images,
+        images=torch.cat([images.images, images.images[:n]]),
+        labels=torch.cat([images.labels, images.labels[:n]]),
+        sha256=images.sha256 + images.sha256[:n],
+        paths=paths + [f"/d/copy/{i}.jpg" for i in range(n)],
+    )
+
+
+def test_cv_folds_are_disjoint_cover_every_image_keep_groups_and_are_stratified():
+    images = _named_with_duplicates()
+    pattern = r"^(\d+)x"
+    folds = [fold_split(images, 4, k, seed=0, group_pattern=pattern) for k in range(4)]
+    val = np.stack([f == "val" for f in folds])
+    assert (val.sum(0) == 1).all()  # every image validated exactly once: disjoint and covering
+    groups = np.array(split_groups(images, pattern))
+    for f in folds:
+        for g in set(groups):
+            assert len(set(f[groups == g])) == 1  # a group never straddles train and val
+    labels = images.labels.numpy()
+    for f in folds:  # stratified: every class in every fold, close to a quarter of it
+        for c in range(len(images.classes)):
+            share = (f[labels == c] == "val").mean()
+            assert 0.1 <= share <= 0.5, (c, share)
+    assert (fold_split(images, 4, 1, seed=0, group_pattern=pattern) == folds[1]).all()
+    assert (fold_split(images, 4, 1, seed=1, group_pattern=pattern) != folds[1]).any()
+
+
+def test_cv_settings_are_checked():
+    from equip.checks import check_config
+
+    with pytest.raises(EquipError, match=r"data.fold=5 must be in \[0, 4\]"):
+        check_config(make_cfg("data.folds=5", "data.fold=5"))
+    with pytest.raises(EquipError, match="data.test_fraction=0.1 with data.folds=5"):
+        check_config(make_cfg("data.folds=5", "data.test_fraction=0.1"))
+    images = load_images(make_cfg("data.per_class=3").data)
+    with pytest.raises(EquipError, match="data.folds=5: class 'axes' has only 3"):
+        fold_split(images, 5, 0, seed=0)
+
+
+def test_cv_sweep_parent_carries_mean_std_and_an_interval(store: str, tmp_path):
+    proc = sweep("data.folds=3", "data.fold=0,1,2", "model.filters=[8]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3-fold CV (mean ± std): val_acc" in proc.stdout + proc.stderr
+    assert "[95% CI " in proc.stderr  # each fold's done line
+    parent, children = parent_and_children(MlflowClient(store))
+    assert len(children) == 3
+    accs = [c.data.metrics["best_val_acc"] for c in children]
+    m = parent.data.metrics
+    assert m["cv_folds"] == 3
+    assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs))
+    assert m["cv_std_best_val_acc"] == pytest.approx(np.std(accs, ddof=1))
+    assert m["cv_val_images"] == 96  # 12 classes x 8 images: each validated once
+    assert m["cv_pooled_acc_ci_low"] <= m["cv_pooled_acc"] <= m["cv_pooled_acc_ci_high"]
+    assert "best_val_acc" not in m  # the luckiest fold is no estimate
+    assert parent.data.tags["equip.cv_summary"].startswith("3-fold CV")
+    for c in children:
+        assert c.data.metrics["val_images"] == float(c.data.params["dataset.val_images"])
+
+
+# ---------------------------------------------------------------- defaults assume nothing
+def write_arrows(root, per_class: int = 24, size: int = 40, seed: int = 0) -> None:
+    """Greyscale arrows pointing left or right: two classes that differ only by a mirror."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for name, sign in (("left", -1), ("right", 1)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("L", (size, size), int(rng.integers(200, 256)))
+            d = ImageDraw.Draw(img)
+            cx, cy = rng.integers(14, size - 14, 2)
+            half, ink = int(rng.integers(7, 11)), int(rng.integers(0, 80))
+            d.line([(cx - half, cy), (cx + half, cy)], fill=ink, width=2)
+            tip = cx + sign * half
+            d.polygon([(tip, cy), (tip - sign * 6, cy - 5), (tip - sign * 6, cy + 5)], fill=ink)
+            img.save(root / name / f"{name}{i}.png")
+
+
+def test_asymmetric_symbols_are_not_flipped_by_default(tmp_path):
+    from equip.data import build_augment
+
+    write_arrows(tmp_path / "arrows", per_class=2)
+    cfg = make_cfg("data=folder", f"data.root={tmp_path / 'arrows'}", tiny=False)
+    augment = build_augment(cfg.data.augment, cfg.data.image_size)
+    images = load_images(cfg.data)
+    right = images.images[images.labels == images.classes.index("right")][0]
+    seen = [right if augment is None else augment(right) for _ in range(50)]
+    assert not any(torch.equal(x, right.flip(-1)) for x in seen)
+    assert all(torch.equal(x, right) for x in seen)  # no augmentation at all by default
+
+
+def test_default_cnn_does_not_lose_to_the_default_baseline_on_symbols(store: str, tmp_path):
+    from equip.training import train
+
+    write_arrows(tmp_path / "arrows")
+    data = ["data=folder", f"data.root={tmp_path / 'arrows'}", "data.image_size=32",
+            "data.cache_dir=null", "trainer.progress_bar=false",
+            "tracking.log_model=false"]  # fmt: skip
+    base = train(make_cfg(*data, "model=baseline", tiny=False))
+    cnn = train(make_cfg(*data, tiny=False))
+    assert base["metrics"]["best_val_acc"] > 0.5  # the task is learnable
+    assert cnn["metrics"]["best_val_acc"] >= base["metrics"]["best_val_acc"]
+
+
+# ---------------------------------------------------------------- the baseline as a model
+def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from equip.synthetic import CLASSES
+    from equip.training import train
+    from tests.conftest import write_pngs
+
+    result = train(make_cfg("model=baseline"))
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    files = write_pngs(tmp_path / "photos", 3)
+    values = [str(f) for f in files[:2]] + [base64.b64encode(files[2].read_bytes()).decode()]
+    out = model.predict(pd.DataFrame({"image": values}))
+    assert list(out.columns[:2]) == ["class", "probability"]
+    assert [c.removeprefix("p_") for c in out.columns[2:]] == list(CLASSES)
+    assert out["class"].isin(CLASSES).all() and len(out) == 3
+    assert np.allclose(out.filter(like="p_").sum(1), 1, atol=1e-5)
+    assert (out["probability"] == out.filter(like="p_").max(1)).all()
+    # The same files through equip.predict's loader, by run id.
+    from equip.predict import load_predictor
+
+    again = load_predictor(result["run_id"])(pd.DataFrame({"image": values}))
+    assert (again["class"] == out["class"]).all()
+
+
+# ---------------------------------------------------------------- the recipe
+RECIPE = ["model.filters=[8,16]", "model.convs_per_block=2", "model.residual=true",
+          "model.batch_norm=true", "model.head=gap", "model.label_smoothing=0.1",
+          "data.augment.rotation=10", "data.augment.translate=0.1", "data.augment.erasing=0.5",
+          "tracking.log_model=false"]  # fmt: skip
+
+
+def _val_probs(result: dict) -> torch.Tensor:
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model import Classifier
+
+    ckpt = download_artifacts(run_id=result["run_id"], artifact_path="checkpoints/best.ckpt")
+    model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    images = load_images(make_cfg().data)
+    with torch.inference_mode():
+        return model(images.images[:32]).softmax(1)
+
+
+def test_recipe_trains_from_yaml_keys_and_tta_ema_change_predictions_deterministically(store):
+    from equip.training import train
+
+    plain = train(make_cfg(*RECIPE))
+    again = train(make_cfg(*RECIPE))
+    tta = train(make_cfg(*RECIPE, "model.tta=hflip"))
+    ema = train(make_cfg(*RECIPE, "model.ema_decay=0.9"))
+    p_plain, p_again, p_tta, p_ema = map(_val_probs, (plain, again, tta, ema))
+    assert torch.equal(p_plain, p_again)  # seeded: the same config, the same predictions
+    assert not torch.allclose(p_plain, p_tta) and not torch.allclose(p_plain, p_ema)
+    assert plain["metrics"]["best_val_acc"] == again["metrics"]["best_val_acc"]
+    assert torch.allclose(p_tta.sum(1), torch.ones(32))
+    # TTA is the mean of the image's and its mirror's probabilities, from the same weights.
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model import Classifier
+
+    ckpt = download_artifacts(run_id=tta["run_id"], artifact_path="checkpoints/best.ckpt")
+    model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    x = load_images(make_cfg().data).images[:32]
+    with torch.inference_mode():
+        expected = (model.net(x).softmax(1) + model.net(x.flip(-1)).softmax(1)) / 2
+    assert torch.allclose(p_tta, expected, atol=1e-6)
+
+
+def test_recipe_keys_are_checked():
+    from equip.checks import check_config
+
+    for override, message in (
+        ("model.convs_per_block=0", "model.convs_per_block=0 must be"),
+        ("model.label_smoothing=1.5", "model.label_smoothing=1.5 must be"),
+        ("model.ema_decay=1", "model.ema_decay=1 must be"),
+        ("model.tta=vflip", "model.tta='vflip' is not one of: none, hflip"),
+        ("data.augment.erasing=2", "data.augment.erasing=2 must be"),
+    ):
+        with pytest.raises(EquipError, match=message):
+            check_config(make_cfg(override))
+
+
+# ---------------------------------------------------------------- final fit and the CV gate
+CV_DATA = ["data.per_class=20", "data.image_size=40", "data.folds=3"]
+GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
+            "trainer.max_epochs=6", "model.lr=0.003", "trainer.patience=0"]  # fmt: skip
+WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
+                 "model.features=[color_hist]"]  # fmt: skip
+
+
+def _cv(*overrides: str) -> tuple[str, list[dict]]:
+    """A CV sweep run in-process: a parent run and one child per fold, as sweep=cv makes."""
+    from equip.job import JobContext
+    from equip.leaderboard import summarize
+    from equip.training import train
+
+    make_cfg()  # hydra composes before the store is touched
+    import mlflow
+
+    from equip.tracking import connect, experiment_id
+
+    connect(make_cfg().tracking)
+    client = MlflowClient()
+    parent = client.create_run(experiment_id("equip", "mlartifacts"), run_name="cv",
+                               tags={"equip.swept_keys": "data.fold",
+                                     "equip.sweep_key": "k" + str(len(overrides))})  # fmt: skip
+    pid = parent.info.run_id
+    results = []
+    for k in range(3):
+        job = JobContext(overrides=[f"data.fold={k}"], parent_run_id=pid,
+                         swept_keys=["data.fold"])  # fmt: skip
+        results.append(train(make_cfg(*CV_DATA, *overrides, f"data.fold={k}"), job))
+    summarize(pid)
+    client.set_terminated(pid)
+    assert mlflow.active_run() is None
+    return pid, results
+
+
+@pytest.mark.slow
+def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(store: str):
+    from equip.training import train
+
+    pid, folds = _cv(*GOOD_CNN, "tracking.log_model=false")
+    data = [o for o in CV_DATA if not o.startswith("data.folds")]
+    final = train(make_cfg(*data, *GOOD_CNN, "final_fit=true"), ["final_fit=true"])
+    run = MlflowClient(store).get_run(final["run_id"])
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["dataset.train_images"] == "240" and p["dataset.val_images"] == "0"
+    assert t["equip.final_fit"] == "true" and t["equip.cv_parent_run_id"] == pid
+    accs = [f["metrics"]["best_val_acc"] for f in folds]
+    assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs)) and m["cv_folds"] == 3
+    mean_epoch = np.mean([f["metrics"]["best_epoch"] for f in folds])
+    assert m["epochs_trained"] == max(1, round(mean_epoch) + 1)
+    assert "best_val_acc" not in m
+    assert final["model_uri"]  # the model users get back is the one trained on everything
+
+
+@pytest.mark.slow
+def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
+    from equip.training import train
+
+    data = [o for o in CV_DATA if not o.startswith("data.folds")]
+    register = ["final_fit=true", "registry.enabled=true", "registry.gate=cv",
+                "registry.name=gear"]  # fmt: skip
+    no_cv = train(make_cfg(*data, *GOOD_CNN, *register), [])
+    assert not no_cv["registry"]["registered"]
+    assert "no complete CV sweep" in no_cv["registry"]["reason"]
+    _cv(*WEAK_BASELINE)
+    cnn_parent, _ = _cv(*GOOD_CNN, "tracking.log_model=false")
+    result = train(make_cfg(*data, *GOOD_CNN, *register), [])
+    r = result["registry"]
+    assert r["registered"], r["reason"]
+    assert "mean paired difference +" in r["reason"] and "over 3 folds" in r["reason"]
+    mv = MlflowClient(store).get_model_version_by_alias("gear", "champion")
+    assert mv.tags["equip.cv_parent_run_id"] == cnn_parent and mv.tags["equip.gate"] == "cv"
+    assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
+    from equip.checks import check_config
+
+    with pytest.raises(EquipError, match="final_fit=true has no validation score"):
+        check_config(make_cfg("final_fit=true", "registry.enabled=true"))
