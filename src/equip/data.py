@@ -21,10 +21,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from equip import imagestore
+from equip.checks import check_decoded_size
 from equip.errors import EquipError
+from equip.imagestore import DiskImages
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ PREPROCESS_VERSION = 1  # bump when preprocess() changes: invalidates every disk
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: torch.Tensor  # uint8, (N, 3, S, S)
+    images: torch.Tensor | DiskImages  # uint8, (N, 3, S, S): in RAM, or streamed from the cache
     labels: torch.Tensor  # int64, (N,)
     classes: list[str]
     paths: list[str]
@@ -115,6 +119,8 @@ def _cache_file(cache_dir: Path, sha: str, size: int) -> Path:
 
 def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet:
     classes, files = scan_folder(root)
+    # Photos are stacked in RAM (only the built-in set streams from disk so far).
+    check_decoded_size(len(files), image_size, None, "data.root")
     arrays, labels, paths, shas, skipped = [], [], [], [], []
     decoded = 0
     for path, label in files:
@@ -180,14 +186,48 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
     )
 
 
-def load_synthetic(per_class: int, image_size: int, seed: int) -> ImageSet:
-    from equip.synthetic import CLASSES, make_synthetic
+def load_synthetic(
+    per_class: int,
+    image_size: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    ram_budget_mb: float = float("inf"),
+) -> ImageSet:
+    """Draw the built-in set (or open it from the disk cache, where it is drawn only once)."""
+    from equip.synthetic import CLASSES, iter_synthetic, synthetic_labels
 
-    drawn, labels = make_synthetic(per_class, image_size, seed)
-    # Through the same preprocessing as photos, so a model trained here is served consistently.
-    images = np.stack([preprocess(Image.fromarray(im.transpose(1, 2, 0)), image_size)
-                       for im in drawn])  # fmt: skip
-    shas = [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
+    labels = synthetic_labels(per_class)
+    shas: list[str] = []
+
+    def preprocessed():  # through the same preprocessing as photos: served models agree
+        for im in iter_synthetic(per_class, image_size, seed):
+            a = preprocess(Image.fromarray(im.transpose(1, 2, 0)), image_size)
+            shas.append(hashlib.sha256(a.tobytes()).hexdigest())
+            yield a
+
+    shape = (len(labels), 3, image_size, image_size)
+    decoded = 0
+    if cache_dir is None:
+        check_decoded_size(len(labels), image_size, None, f"data.per_class={per_class}")
+        arr = np.empty(shape, dtype=np.uint8)
+        for k, a in enumerate(preprocessed()):
+            arr[k] = a
+        images: torch.Tensor | DiskImages = torch.from_numpy(arr)
+        decoded = len(labels)
+    else:
+        name = f"synthetic-v{PREPROCESS_VERSION}-{image_size}px-seed{seed}-{per_class}pc.npy"
+        path = cache_dir / name
+        cached = imagestore.open_cached(path)
+        if cached is None:
+            check_decoded_size(len(labels), image_size, str(cache_dir),
+                               f"data.per_class={per_class}")  # fmt: skip
+            imagestore.write(path, shape, preprocessed(), lambda: {"sha256": shas})
+            cached = imagestore.open_cached(path)
+            decoded = len(labels)
+        assert cached is not None
+        store, meta = cached
+        shas = meta["sha256"]
+        images = store.load() if store.nbytes <= ram_budget_mb * 2**20 else store
     fp = hashlib.sha256(f"synthetic {image_size}px\n".encode())
     for sha, label in zip(shas, labels, strict=True):
         fp.update(f"{CLASSES[label]}/{sha}\n".encode())
@@ -197,13 +237,14 @@ def load_synthetic(per_class: int, image_size: int, seed: int) -> ImageSet:
         counters[label] = counters.get(label, -1) + 1
         paths.append(f"synthetic://{CLASSES[label]}/{counters[label]:05d}")
     return ImageSet(
-        images=torch.from_numpy(images),
-        labels=torch.from_numpy(labels.astype(np.int64)),
+        images=images,
+        labels=torch.from_numpy(labels),
         classes=list(CLASSES),
         paths=paths,
         sha256=shas,
         fingerprint=fp.hexdigest()[:16],
-        decoded=len(labels),
+        source="decoded" if decoded else "disk-cache",
+        decoded=decoded,
     )
 
 
@@ -223,10 +264,11 @@ def load_images(data: DictConfig) -> ImageSet:
         )
     if key in _loaded:
         return replace(_loaded[key], source="memory", decoded=0)
+    cache = Path(data.cache_dir).expanduser() if data.get("cache_dir") else None
     if data.kind == "synthetic":
-        images = load_synthetic(data.per_class, data.image_size, data.generator_seed)
+        images = load_synthetic(data.per_class, data.image_size, data.generator_seed, cache,
+                                data.ram_budget_mb)  # fmt: skip
     else:
-        cache = Path(data.cache_dir).expanduser() if data.get("cache_dir") else None
         images = load_folder(root, data.image_size, cache)
     _loaded[key] = images
     return images
@@ -259,17 +301,24 @@ def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
 
 
 class TensorImages(Dataset):
-    """In-memory uint8 images. Batches are sliced in one go (__getitems__), not stacked per item."""
+    """uint8 images in RAM, or rows `index` of a DiskImages store. Batches are read in one go
+    (__getitems__), not stacked per item."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: v2.Transform | None = None):
-        self.x, self.y, self.augment = x, y, augment
+    def __init__(
+        self,
+        x: torch.Tensor | DiskImages,
+        y: torch.Tensor,
+        augment: v2.Transform | None = None,
+        index: torch.Tensor | None = None,
+    ):
+        self.x, self.y, self.augment, self.index = x, y, augment, index
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(idx)
-        x = self.x[index]
+        index = torch.as_tensor(idx, dtype=torch.int64)
+        x = self.x[index if self.index is None else self.index[index]]
         if self.augment is not None:  # per image: v2 on a batch would share one random draw
             x = torch.stack([self.augment(im) for im in x])
         return x, self.y[index]
@@ -283,19 +332,36 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, images: ImageSet, split: np.ndarray, data: DictConfig, seed: int):
         super().__init__()
         self.images, self.split, self.batch_size, self.seed = images, split, data.batch_size, seed
+        self.num_workers = data.get("num_workers", 0)
         self.augment = build_augment(data.augment, data.image_size)
 
     def subset(self, name: str, augment: v2.Transform | None = None) -> TensorImages:
         idx = torch.from_numpy(np.flatnonzero(self.split == name))
-        return TensorImages(self.images.images[idx], self.images.labels[idx], augment)
+        x, y = self.images.images, self.images.labels[idx]
+        if isinstance(x, DiskImages):  # streamed: rows are read per batch
+            return TensorImages(x, y, augment, index=idx)
+        return TensorImages(x[idx], y, augment)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = self.subset(name, self.augment if name == "train" else None)
         gen = torch.Generator().manual_seed(self.seed)
-        # num_workers=0: the data is already decoded in memory; workers gained nothing on 2 cores.
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen, collate_fn=_as_batch
-        )
+        # num_workers=0 by default: in-memory data needs none (workers gained nothing on 2 cores);
+        # streamed data on a GPU wants a few.
+        kw = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+                              collate_fn=_as_batch, **kw)  # fmt: skip
+        # Several processes: each reads its shard. Training pads to equal shards (every rank
+        # must take the same number of steps); val/test do not, so their metrics, synced over
+        # ranks, count each image exactly once.
+        world, rank = trainer.world_size, trainer.global_rank
+        if shuffle:
+            sampler: Sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
+        else:
+            sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=_as_batch,
+                          **kw)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -18,6 +18,7 @@ CONFIG_HASH = "equip.config_hash"  # identity of a job: resumed sweeps skip FINI
 MODEL_KIND = "equip.model_kind"
 ERROR = "equip.error"  # why a run ended FAILED or KILLED
 PRUNED = "equip.pruned"
+RESUMED = "equip.resumed"  # true: continued from its last checkpoint (resume=, resumed sweep)
 PRUNED_REASON = "equip.pruned_reason"
 PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests children under it
 
@@ -48,7 +49,17 @@ MONITOR_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
 
 # Config keys (and their sub-keys) that say where or how verbosely a job is recorded or
 # launched, not what it trains: left out of a job's identity, its run name and a sweep's key.
-NOT_IDENTITY = ("hydra", "tracking", "trainer.progress_bar", "multirun", "registry")
+NOT_IDENTITY = (
+    "hydra",
+    "tracking",
+    "trainer.progress_bar",
+    "multirun",
+    "registry",
+    "resume",
+    "data.cache_dir",
+    "data.num_workers",
+    "data.ram_budget_mb",
+)
 
 
 def monitor_mode(monitor: str) -> str:

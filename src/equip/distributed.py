@@ -1,0 +1,64 @@
+"""Multi-process training (trainer.strategy=ddp): which process may write, and how the other
+ranks of one job are started.
+
+Lightning's `ddp` re-runs the entry script once per extra device with LOCAL_RANK set (torchrun
+and Azure ML's PyTorch distribution start every rank themselves, with RANK set). Only global
+rank 0 creates the MLflow run, logs, and records failures; the other ranks load the same data,
+train the same config and write nothing. What rank 0 decides at run time (which checkpoint to
+resume from) reaches the others through the environment, which Lightning copies to them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+RESUME_ENV = "EQUIP_RESUME_CHECKPOINT"  # rank 0 -> other ranks: the last.ckpt to resume from
+
+
+def is_rank_zero() -> bool:
+    """True in a plain run and in global rank 0 of a distributed one."""
+    env = os.environ
+    return all(int(env.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def share_resume_checkpoint(path: str | None) -> None:
+    """Rank 0, before fit: the other ranks must restore the same checkpoint."""
+    if path:
+        os.environ[RESUME_ENV] = path
+    else:
+        os.environ.pop(RESUME_ENV, None)
+
+
+def resume_checkpoint() -> str | None:
+    """In a rank > 0: the checkpoint rank 0 resumes from."""
+    return os.environ.get(RESUME_ENV) or None
+
+
+def rank_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that starts local rank `local_rank` of the job Hydra runs now.
+
+    Lightning's own version replays sys.argv, which in a multirun (-m) would start the whole
+    sweep again in every rank; this one replays only this job's overrides, as a single run in
+    the job's own output folder.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    hc = HydraConfig.get()
+    overrides: Sequence[str] = list(hc.overrides.task)
+    hydra_args = [
+        f'hydra.run.dir="{hc.runtime.output_dir}"',
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    command = [sys.executable, to_absolute_path(sys.argv[0]), *overrides, *hydra_args]
+    return command, get_original_cwd()
+
+
+def use_job_command() -> None:
+    """Make Lightning's subprocess launcher start other ranks with `rank_command`."""
+    from pytorch_lightning.strategies.launchers import subprocess_script
+
+    subprocess_script._hydra_subprocess_cmd = rank_command
