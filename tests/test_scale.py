@@ -132,3 +132,48 @@ def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path):
 
     again = _cli(*args, f"resume={run_id}", cwd=tmp_path)
     assert again.returncode == 2 and "already FINISHED" in again.stderr
+
+
+# ---------------------------------------------------------------- ddp
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp_path: Path):
+    import mlflow
+    import numpy as np
+    import torch
+
+    from equip.data import load_images
+    from equip.model import Classifier
+
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    proc = _cli(*ddp, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("done ") == 1  # rank 1 prints nothing
+    client, run = _only_run(tmp_path)
+    run_id, m = run.info.run_id, run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.params["trainer.devices"] == "2"
+    assert {"checkpoints/best.ckpt", "eval/confusion_matrix.csv", "data/split.csv",
+            "config/config.yaml"} <= artifacts(client, run_id)  # fmt: skip
+    assert len(client.search_logged_models([run.info.experiment_id])) == 1
+    for key in ("val_acc", "val_loss", "train_loss", "epoch_time_s"):
+        assert [h.step for h in client.get_metric_history(run_id, key)] == [0, 1], key
+
+    # The per-epoch val metrics are over the whole val set, not one rank's shard: at the best
+    # epoch they equal a recomputation from the best checkpoint on every val image.
+    best = int(m["best_epoch"])
+    val_acc = {h.step: h.value for h in client.get_metric_history(run_id, "val_acc")}[best]
+    val_loss = {h.step: h.value for h in client.get_metric_history(run_id, "val_loss")}[best]
+    ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoints/best.ckpt",
+                                               tracking_uri=client.tracking_uri)  # fmt: skip
+    model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    images = load_images(make_cfg("data.cache_dir=null").data)
+    manifest = Path(client.download_artifacts(run_id, "data/split.csv", str(tmp_path)))
+    is_val = np.array(
+        [row.rsplit(",", 1)[1] == "val" for row in manifest.read_text().splitlines()[1:]]
+    )
+    x, y = images.images[torch.from_numpy(is_val)], images.labels[torch.from_numpy(is_val)]
+    assert len(y) == 24  # 12 classes x 8 x 0.25: each rank saw 12 of them
+    with torch.inference_mode():
+        logits = model(x)
+    assert val_acc == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=1e-6)
+    assert val_loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), abs=1e-4)
+    assert m["best_val_acc"] == pytest.approx(val_acc, abs=1e-6)

@@ -64,6 +64,8 @@ def run_training(cfg: DictConfig) -> float:
         console.print(f"[bold red]job failed[/] (the sweep goes on): {type(e).__name__}: {e}",
                       highlight=False)  # fmt: skip
         return math.nan
+    if result.get("rank_zero") is False:  # another rank of a ddp job: rank 0 reports
+        return math.nan
     m = result["metrics"]
     if result.get("skipped"):
         console.print(f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run "

@@ -62,3 +62,12 @@ def use_job_command() -> None:
     from pytorch_lightning.strategies.launchers import subprocess_script
 
     subprocess_script._hydra_subprocess_cmd = rank_command
+
+
+def leave_group() -> None:
+    """After fit: rank 0 evaluates and logs alone (torchmetrics would otherwise wait for the
+    other ranks, which have exited), so the process group goes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

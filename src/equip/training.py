@@ -159,6 +159,7 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
                                     job.median_stop))  # fmt: skip
     module, trainer, dm, epochs = _trainer(cfg, images, split, None, checkpoint, extra)
     trainer.fit(module, dm, ckpt_path=distributed.resume_checkpoint())
+    distributed.leave_group()
     return {"run_id": None, "rank_zero": False, "metrics": {}}
 
 
@@ -245,6 +246,7 @@ def _fit_cnn(
     t0 = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=resume_from)
     train_time = time.perf_counter() - t0
+    distributed.leave_group()
 
     best = checkpoint.best_model_path
     if not best:  # no validation score was ever recorded: keep the last weights
