@@ -177,3 +177,94 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp
     assert val_acc == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=1e-6)
     assert val_loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), abs=1e-4)
     assert m["best_val_acc"] == pytest.approx(val_acc, abs=1e-6)
+
+
+# ---------------------------------------------------------------- data on disk
+def test_the_built_in_set_is_drawn_once_into_the_disk_cache_and_streamed(tmp_path: Path):
+    import hashlib
+
+    import torch
+
+    from equip import data, imagestore
+    from equip.imagestore import DiskImages
+
+    cache = tmp_path / "cache"
+    cfg = make_cfg(f"data.cache_dir={cache}", "data.ram_budget_mb=0")
+    data._loaded.clear()
+    first = data.load_images(cfg.data)
+    assert first.source == "decoded" and first.decoded == 96
+    assert isinstance(first.images, DiskImages) and len(first.images) == 96
+    data._loaded.clear()
+    second = data.load_images(cfg.data)
+    assert second.source == "disk-cache" and second.decoded == 0
+    assert second.fingerprint == first.fingerprint
+    data._loaded.clear()
+    in_ram = data.load_images(make_cfg("data.cache_dir=null").data)  # today's path
+    assert in_ram.fingerprint == first.fingerprint and isinstance(in_ram.images, torch.Tensor)
+    assert torch.equal(second.images[[5, 0, 95]], in_ram.images[[5, 0, 95]])
+    assert torch.equal(second.images[10:20], in_ram.images[10:20])
+    data._loaded.clear()
+    fits = data.load_images(make_cfg(f"data.cache_dir={cache}").data)  # within the RAM budget
+    assert isinstance(fits.images, torch.Tensor) and torch.equal(fits.images, in_ram.images)
+    sha = hashlib.sha256(in_ram.images[7].numpy().tobytes()).hexdigest()
+    assert second.sha256[7] == sha
+
+    # A writer killed half-way leaves a temp file, never a trusted cache entry; a damaged
+    # entry is drawn again.
+    path = data.synthetic_cache_file(cache, 8, 32, 0)
+    assert not list(cache.glob(".*tmp"))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    assert imagestore.open_cached(path) is None
+    data._loaded.clear()
+    again = data.load_images(cfg.data)
+    assert again.source == "decoded" and again.fingerprint == first.fingerprint
+
+
+def _big_cache(cache: Path, per_class: int, size: int) -> int:
+    """A per_class x 12 set of size px in the cache, tiled from a few drawn images (drawing
+    them all would take minutes). Returns its decoded bytes."""
+    import hashlib
+
+    from equip import imagestore
+    from equip.data import load_synthetic, synthetic_cache_file
+
+    few = load_synthetic(4, size, 0).images.numpy()
+    n = per_class * 12
+    shas = [hashlib.sha256(str(k).encode()).hexdigest() for k in range(n)]
+    rows = (few[(k // per_class) * 4 + k % 4] for k in range(n))
+    path = synthetic_cache_file(cache, per_class, size, 0)
+    imagestore.write(path, (n, 3, size, size), rows, lambda: {"sha256": shas})
+    return n * 3 * size * size
+
+
+def _peak_rss_of_training(tmp_path: Path, cache: Path, per_class: int, size: int) -> int:
+    """Peak RSS (bytes) of `train.py` on the cached set, streamed, 8 training batches."""
+    args = [f"data.cache_dir={cache}", "data.ram_budget_mb=0", f"data.per_class={per_class}",
+            f"data.image_size={size}", "data.val_fraction=0.02", "data.batch_size=64",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2",
+            "model.filters=[8]", "trainer.progress_bar=false", *FAST]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    err = proc.stderr.read() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the test's
+    assert os.waitstatus_to_exitcode(status) == 0, err[-3000:]
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_data_larger_than_the_ram_budget_trains_with_bounded_rss(tmp_path: Path):
+    """1 GiB of decoded images streamed from the cache cost no more RAM than 50 MiB do:
+    torch, Lightning and MLflow alone take ~1-1.5 GiB, so the images must add next to nothing."""
+    cache, size = tmp_path / "cache", 128
+    small = _big_cache(cache, 100, size)  # 1,200 images, 56 MiB
+    big = _big_cache(cache, 1800, size)  # 21,600 images, 1.0 GiB
+    peak_small = _peak_rss_of_training(tmp_path, cache, 100, size)
+    peak_big = _peak_rss_of_training(tmp_path, cache, 1800, size)
+    assert peak_big - peak_small < 0.1 * (big - small), (peak_small / 2**20, peak_big / 2**20)
+    assert peak_big < big + peak_small / 2  # and so well under "all of it in RAM"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(["1"], order_by=["attributes.start_time ASC"])
+    assert [r.data.params["dataset.images"] for r in runs] == ["1200", "21600"]
+    assert {r.data.tags["equip.data_source"] for r in runs} == {"disk-cache"}  # reused

@@ -215,8 +215,7 @@ def load_synthetic(
         images: torch.Tensor | DiskImages = torch.from_numpy(arr)
         decoded = len(labels)
     else:
-        name = f"synthetic-v{PREPROCESS_VERSION}-{image_size}px-seed{seed}-{per_class}pc.npy"
-        path = cache_dir / name
+        path = synthetic_cache_file(cache_dir, per_class, image_size, seed)
         cached = imagestore.open_cached(path)
         if cached is None:
             check_decoded_size(len(labels), image_size, str(cache_dir),
@@ -246,6 +245,12 @@ def load_synthetic(
         source="decoded" if decoded else "disk-cache",
         decoded=decoded,
     )
+
+
+def synthetic_cache_file(cache_dir: Path, per_class: int, image_size: int, seed: int) -> Path:
+    """One file per (data set, preprocessing): the drawing's seed and size, and the version."""
+    name = f"synthetic-v{PREPROCESS_VERSION}-{image_size}px-seed{seed}-{per_class}pc"
+    return cache_dir / f"{name}.npy"
 
 
 _loaded: dict[tuple, ImageSet] = {}  # one decode per process, shared by every multirun job

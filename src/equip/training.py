@@ -253,7 +253,7 @@ def _fit_cnn(
         best = str(Path(checkpoint.dirpath) / resume.LAST)
         trainer.save_checkpoint(best)
     model = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
-    y_true, probs = _predict(model, dm.subset("val"))
+    y_true, probs = _predict(model, dm.subset("val"), cfg.data.batch_size)
     final = {
         "best_epoch": _best_epoch(epochs.history, t.monitor, mode),
         "epochs_trained": len(epochs.history),
@@ -261,7 +261,7 @@ def _fit_cnn(
         "train_images_per_s": epochs.train_images / max(train_time, 1e-9),
     }
     if (split == "test").any():
-        t_true, t_probs = _predict(model, dm.subset("test"))
+        t_true, t_probs = _predict(model, dm.subset("test"), cfg.data.batch_size)
         final["test_acc"] = float((t_true == t_probs.argmax(1)).float().mean())
     final = reports.log_evaluation(run_id, images.classes, y_true, probs, final,
                                    len(epochs.history))  # fmt: skip
@@ -278,13 +278,13 @@ def _fit_cnn(
     return result
 
 
-def _predict(model: Classifier, subset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and class probabilities of a whole subset, 256 images at a time (it may be
-    streamed from disk: only the probabilities are kept)."""
+def _predict(model: Classifier, subset, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and class probabilities of a whole subset, a training batch at a time: the
+    subset may be streamed from disk, and activations stay the size training needed."""
     ys, probs = [], []
     with torch.inference_mode():
-        for i in range(0, len(subset), 256):
-            x, y = subset.__getitems__(range(i, min(i + 256, len(subset))))
+        for i in range(0, len(subset), batch):
+            x, y = subset.__getitems__(range(i, min(i + batch, len(subset))))
             probs.append(model(x).softmax(1))
             ys.append(y)
     if not ys:
