@@ -1,9 +1,10 @@
-"""Images in, uint8 tensors out: loading, preprocessing, caching, the split and the DataModule.
+"""Images in, uint8 tensors out: loading, preprocessing and caching.
 
 Preprocessing follows the course: composite transparency onto white, pad to a white square keeping
 the aspect ratio, resize, stretch each channel's contrast. Every file is decoded once: results are
 kept in memory for the process (a Hydra multirun loads the data once, not once per job) and on disk
-keyed by file content and preprocessing settings (a second run starts from the cache).
+keyed by file content and preprocessing settings (a second run starts from the cache). The
+DataModule that serves the images to Lightning is in equip.loaders.
 """
 
 from __future__ import annotations
@@ -12,18 +13,13 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.transforms import v2
 
 from equip import imagestore
 from equip.checks import check_decoded_size
@@ -191,9 +187,10 @@ def load_synthetic(
     image_size: int,
     seed: int,
     cache_dir: Path | None = None,
-    ram_budget_mb: float = float("inf"),
+    ram_budget_mb: float = 0,
 ) -> ImageSet:
-    """Draw the built-in set (or open it from the disk cache, where it is drawn only once)."""
+    """Draw the built-in set (or open it from the disk cache, where it is drawn only once).
+    With a cache, sets up to `ram_budget_mb` are read into RAM and larger ones streamed."""
     from equip.synthetic import CLASSES, iter_synthetic, synthetic_labels
 
     labels = synthetic_labels(per_class)
@@ -288,91 +285,3 @@ def _tree_signature(root: Path) -> tuple:
         for p in sorted(root.rglob("*"))
         if p.is_file() and (st := p.stat())
     )
-
-
-# ---------------------------------------------------------------- DataModule
-def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
-    steps: list[v2.Transform] = []
-    if augment.crop_scale:
-        steps.append(v2.RandomResizedCrop(image_size, scale=(augment.crop_scale, 1.0)))
-    if augment.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if augment.vflip:
-        steps.append(v2.RandomVerticalFlip())
-    if augment.color_jitter:
-        j = augment.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    return v2.Compose(steps) if steps else None
-
-
-class TensorImages(Dataset):
-    """uint8 images in RAM, or rows `index` of a DiskImages store. Batches are read in one go
-    (__getitems__), not stacked per item."""
-
-    def __init__(
-        self,
-        x: torch.Tensor | DiskImages,
-        y: torch.Tensor,
-        augment: v2.Transform | None = None,
-        index: torch.Tensor | None = None,
-    ):
-        self.x, self.y, self.augment, self.index = x, y, augment, index
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(idx, dtype=torch.int64)
-        x = self.x[index if self.index is None else self.index[index]]
-        if self.augment is not None:  # per image: v2 on a batch would share one random draw
-            x = torch.stack([self.augment(im) for im in x])
-        return x, self.y[index]
-
-
-def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch
-
-
-class ImageDataModule(pl.LightningDataModule):
-    def __init__(self, images: ImageSet, split: np.ndarray, data: DictConfig, seed: int):
-        super().__init__()
-        self.images, self.split, self.batch_size, self.seed = images, split, data.batch_size, seed
-        self.num_workers = data.get("num_workers", 0)
-        self.augment = build_augment(data.augment, data.image_size)
-
-    def subset(self, name: str, augment: v2.Transform | None = None) -> TensorImages:
-        idx = torch.from_numpy(np.flatnonzero(self.split == name))
-        x, y = self.images.images, self.images.labels[idx]
-        if isinstance(x, DiskImages):  # streamed: rows are read per batch
-            return TensorImages(x, y, augment, index=idx)
-        return TensorImages(x[idx], y, augment)
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        ds = self.subset(name, self.augment if name == "train" else None)
-        gen = torch.Generator().manual_seed(self.seed)
-        # num_workers=0 by default: in-memory data needs none (workers gained nothing on 2 cores);
-        # streamed data on a GPU wants a few.
-        kw = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                              collate_fn=_as_batch, **kw)  # fmt: skip
-        # Several processes: each reads its shard. Training pads to equal shards (every rank
-        # must take the same number of steps); val/test do not, so their metrics, synced over
-        # ranks, count each image exactly once.
-        world, rank = trainer.world_size, trainer.global_rank
-        if shuffle:
-            sampler: Sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
-        else:
-            sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=_as_batch,
-                          **kw)  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -25,9 +25,10 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from equip import __version__, distributed, reports, resume, schema, tracking
 from equip.callbacks import EpochMetrics, MedianStopping
 from equip.checks import check_config, check_hardware, processes_per_node
-from equip.data import ImageDataModule, ImageSet, load_images
+from equip.data import ImageSet, load_images
 from equip.failures import record_failure
 from equip.job import JobContext, config_hash, finished_twin
+from equip.loaders import ImageDataModule
 from equip.model import Classifier, mflops_per_image
 from equip.redaction import redact_overrides
 from equip.runtime import apply_fast_path
