@@ -1,13 +1,16 @@
 """Peak RSS and training img/s against data size, built-in data streamed from the disk cache.
 
-For each size, one `train.py` child process (1 epoch of --train-batches batches, data streamed:
-data.ram_budget_mb=0) whose peak RSS comes from wait4(), and whose img/s is the run's
-train_images_per_s. The largest set is drawn once into the cache; the smaller ones are copied
-out of it (image i of class c does not depend on per_class, so they are the very files
-`data.per_class=n/12` would draw, with the same fingerprint). Also one in-RAM run of the
-smallest size, today's path, for reference.
+For each size, one `train.py` child process (2 epochs of --train-batches batches and 4 val
+batches, data streamed: data.ram_budget_mb=0) whose peak RSS comes from wait4(); img/s is the
+training images of the second (warm) epoch over its epoch_time_s. Every size does the same
+work, so only reading the data differs. The largest set is drawn once into the cache; the
+smaller ones are copied out of it (image i of class c does not depend on per_class, so they are
+the very files `data.per_class=n/12` would draw, with the same fingerprint). Also one in-RAM run
+of the smallest size, today's path, for reference. --draw N1 N2 … instead measures drawing
+N images into a fresh cache (peak RSS, img/s).
 
     python bench/data_scale.py [--sizes 2000 20000 60000] [--image-size 128] [--workdir DIR]
+    python bench/data_scale.py --draw 1200 6000
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 60000])
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--train-batches", type=int, default=40)
+    ap.add_argument("--train-batches", type=int, default=25)
+    ap.add_argument("--draw", type=int, nargs="*", help="measure drawing these sizes instead")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/equip-data-scale"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -74,6 +78,18 @@ def main() -> None:
 
     from equip import imagestore
 
+    for n in args.draw or []:
+        fresh = work / f"draw-{n}"
+        code = ("from pathlib import Path; from equip.data import load_synthetic; "
+                f"load_synthetic({n // 12}, {s}, 0, Path({str(fresh)!r}))")  # fmt: skip
+        secs, rss, _ = child([sys.executable, "-c", code], work)
+        print(
+            f"drew {n // 12 * 12} images of {s} px into a fresh cache in {secs:.0f} s "
+            f"({n / secs:.0f} img/s incl. start-up), peak RSS {rss:.0f} MiB",
+            flush=True,
+        )
+    if args.draw:
+        return
     if imagestore.open_cached(cache_file(cache, big, s)) is None:
         code = ("import sys; from pathlib import Path; from equip.data import load_synthetic; "
                 f"load_synthetic({big}, {s}, 0, Path({str(cache)!r}))")  # fmt: skip
@@ -100,7 +116,8 @@ def main() -> None:
             f"data.cache_dir={cache}",
             f"data.ram_budget_mb={budget}",
             "data.val_fraction=0.05",
-            "trainer.max_epochs=1",
+            "data.batch_size=64",
+            "trainer.max_epochs=2",
             "trainer.patience=0",
             f"trainer.limit_train_batches={args.train_batches}",
             "trainer.limit_val_batches=4",
@@ -110,7 +127,8 @@ def main() -> None:
         ]
         secs, rss, _ = child(cmd, work)
         run = MlflowClient(uri).search_runs(["1"], order_by=["attributes.start_time DESC"])[0]
-        ips = run.data.metrics["train_images_per_s"]
+        [_, warm] = MlflowClient(uri).get_metric_history(run.info.run_id, "epoch_time_s")
+        ips = args.train_batches * 64 / warm.value
         decoded = pc * 12 * 3 * s * s / 2**20
         where = "RAM" if budget else "streamed"
         source = run.data.tags["equip.data_source"]

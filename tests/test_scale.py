@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,43 @@ def test_data_larger_than_the_ram_budget_trains_with_bounded_rss(tmp_path: Path)
     runs = client.search_runs(["1"], order_by=["attributes.start_time ASC"])
     assert [r.data.params["dataset.images"] for r in runs] == ["1200", "21600"]
     assert {r.data.tags["equip.data_source"] for r in runs} == {"disk-cache"}  # reused
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: Path):
+    from tests.conftest import FAST as SWEEP_FAST
+
+    args = ["model.filters=[4],[8]", "trainer.max_epochs=6", "trainer.patience=0",
+            "data.image_size=48"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *SWEEP_FAST, *args]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cut = None
+    while cut is None:  # kill the sweep once its first job has 2 of 6 epochs and a checkpoint
+        assert proc.poll() is None, "the sweep ended before it could be cut off"
+        time.sleep(0.1)
+        try:
+            running = client.search_runs(["1"], "attributes.status = 'RUNNING' and "
+                                         "tags.mlflow.parentRunId != ''")  # fmt: skip
+        except Exception:  # tables still being created
+            continue
+        for r in running:
+            steps = client.get_metric_history(r.info.run_id, "val_acc")
+            if len(steps) >= 2 and (tmp_path / ".cache/equip/runs" / r.info.run_id).exists():
+                cut = r.info.run_id
+    proc.kill()
+    proc.wait()
+    if client.get_run(cut).info.status != "RUNNING":
+        pytest.skip("the job finished between the poll and the kill")
+    logged = len(client.get_metric_history(cut, "val_acc"))
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    run = client.get_run(cut)
+    assert run.info.status == "FINISHED" and run.data.tags["equip.resumed"] == "true"
+    steps = [m.step for m in client.get_metric_history(cut, "val_acc")]
+    assert steps == list(range(6)) and logged < 6
+    children = client.search_runs(["1"], "tags.mlflow.parentRunId != ''")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)

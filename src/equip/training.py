@@ -130,8 +130,9 @@ def train(
     except BaseException as e:
         best = checkpoint.best_model_path if checkpoint is not None else None
         record_failure(e, cfg, job, run_id, best)
-        if ckpt_dir is not None and not (ckpt_dir / resume.LAST).exists():
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing to resume from
+        resumable = ckpt_dir is not None and d.cache_dir and (ckpt_dir / resume.LAST).exists()
+        if ckpt_dir is not None and not resumable:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing resume= could continue
         raise
     mlflow.end_run("FINISHED")
     if ckpt_dir is not None:
