@@ -27,8 +27,10 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python train.py TINY ARGS` in a subprocess that imports this checkout."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, *args], cwd=cwd,
+    """`python train.py [-m] TINY ARGS` in a subprocess that imports this checkout."""
+    flags = [a for a in args if a.startswith("-")]
+    args = tuple(a for a in args if not a.startswith("-"))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *TINY, *args], cwd=cwd,
                           env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
@@ -178,6 +180,22 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp
     assert val_acc == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=1e-6)
     assert val_loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), abs=1e-4)
     assert m["best_val_acc"] == pytest.approx(val_acc, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_ddp_sweep_gives_one_parent_and_one_child_per_job(tmp_path: Path):
+    """Each job's second rank trains that job only (not the sweep again) and records nothing;
+    the second job starts its own ranks although the first job's launcher ran in-process."""
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    proc = _cli("-m", "model.filters=[4],[8]", *ddp, *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(["1"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.params["model.filters"] for r in children) == ["[4]", "[8]"]
 
 
 # ---------------------------------------------------------------- data on disk

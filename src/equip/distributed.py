@@ -12,15 +12,34 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 RESUME_ENV = "EQUIP_RESUME_CHECKPOINT"  # rank 0 -> other ranks: the last.ckpt to resume from
+# What Lightning's launcher exports in rank 0. Left behind, the next sweep job in this process
+# would take LOCAL_RANK as "started by a cluster" and wait forever for ranks nobody starts.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE",
+                "OMP_NUM_THREADS", RESUME_ENV)  # fmt: skip
 
 
 def is_rank_zero() -> bool:
     """True in a plain run and in global rank 0 of a distributed one."""
     env = os.environ
     return all(int(env.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+@contextmanager
+def launcher_environment() -> Iterator[None]:
+    """Around one job's fit in rank 0: what the launcher exports lasts as long as the job."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def share_resume_checkpoint(path: str | None) -> None:

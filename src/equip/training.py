@@ -244,11 +244,12 @@ def _fit_cnn(
         })  # fmt: skip
     t = cfg.trainer
     mode = schema.monitor_mode(t.monitor)
-    distributed.share_resume_checkpoint(resume_from)
     t0 = time.perf_counter()
-    trainer.fit(module, dm, ckpt_path=resume_from)
+    with distributed.launcher_environment():
+        distributed.share_resume_checkpoint(resume_from)
+        trainer.fit(module, dm, ckpt_path=resume_from)
+        distributed.leave_group()
     train_time = time.perf_counter() - t0
-    distributed.leave_group()
 
     best = checkpoint.best_model_path
     if not best:  # no validation score was ever recorded: keep the last weights
