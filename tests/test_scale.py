@@ -327,3 +327,24 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
     assert steps == list(range(6)) and logged < 6
     children = client.search_runs(["1"], "tags.mlflow.parentRunId != ''")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_photos_become_one_cached_set_that_streams_past_the_ram_budget(tmp_path: Path):
+    import torch
+
+    from equip.data import load_folder
+    from equip.imagestore import DiskImages
+    from tests.conftest import write_pngs
+
+    for c in ("a", "b"):
+        write_pngs(tmp_path / "photos" / c, 4)
+    (tmp_path / "photos" / "b" / "broken.png").write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+    in_ram = load_folder(tmp_path / "photos", 32, None)
+    streamed = load_folder(tmp_path / "photos", 32, cache, ram_budget_mb=0)
+    assert isinstance(streamed.images, DiskImages) and len(streamed.images) == 8
+    assert torch.equal(streamed.images[slice(None)], in_ram.images)
+    assert streamed.fingerprint == in_ram.fingerprint and len(streamed.skipped) == 1
+    assert len(list(cache.glob("folder-*.npy"))) == 1 and not list(cache.glob(".*tmp"))
+    again = load_folder(tmp_path / "photos", 32, cache)  # fits: read into RAM
+    assert again.source == "disk-cache" and torch.equal(again.images, in_ram.images)

@@ -113,11 +113,19 @@ def _cache_file(cache_dir: Path, sha: str, size: int) -> Path:
     return cache_dir / f"v{PREPROCESS_VERSION}-{size}px" / sha[:2] / f"{sha}.npy"
 
 
-def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet:
+def load_folder(
+    root: Path, image_size: int, cache_dir: Path | None, ram_budget_mb: float = float("inf")
+) -> ImageSet:
+    """Decode (or read from the per-file cache) every photo. With a cache, the decoded set also
+    becomes one .npy, written while decoding: up to `ram_budget_mb` it is read into RAM, larger
+    sets are streamed from it; without a cache the photos are stacked in RAM."""
     classes, files = scan_folder(root)
-    # Photos are stacked in RAM (only the built-in set streams from disk so far).
-    check_decoded_size(len(files), image_size, None, "data.root")
+    check_decoded_size(len(files), image_size, str(cache_dir) if cache_dir else None, "data.root")
     arrays, labels, paths, shas, skipped = [], [], [], [], []
+    rows = None
+    if cache_dir is not None:  # decoded rows go to disk as they come, not into a list
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        rows = open(cache_dir / f".folder-rows.{os.getpid()}.tmp", "w+b")  # noqa: SIM115
     decoded = 0
     for path, label in files:
         try:
@@ -151,7 +159,10 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
                 with open(tmp, "wb") as f:
                     np.save(f, arr)
                 os.replace(tmp, cached)  # atomic: parallel jobs never read half a file
-        arrays.append(arr)
+        if rows is not None:
+            rows.write(arr.tobytes())
+        else:
+            arrays.append(arr)
         labels.append(label)
         paths.append(str(path))
         shas.append(sha)
@@ -161,7 +172,10 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
             len(skipped),
             "; ".join(f"{p} ({why})" for p, why in skipped),
         )
-    if not arrays:
+    if not labels:
+        if rows is not None:
+            rows.close()
+            os.unlink(rows.name)
         raise EquipError(
             f"no readable image under data.root={root}; every file failed to decode:\n"
             + "\n".join(f"  {p}: {why}" for p, why in skipped)
@@ -169,17 +183,45 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
     fp = hashlib.sha256(f"folder v{PREPROCESS_VERSION} {image_size}px\n".encode())
     for sha, label in sorted(zip(shas, labels, strict=True)):
         fp.update(f"{classes[label]}/{sha}\n".encode())
+    fingerprint = fp.hexdigest()[:16]
+    if rows is None:
+        images: torch.Tensor | DiskImages = torch.from_numpy(np.stack(arrays))
+    else:
+        images = _rows_to_set(rows, cache_dir, fingerprint, len(labels), image_size, ram_budget_mb)
     return ImageSet(
-        images=torch.from_numpy(np.stack(arrays)),
+        images=images,
         labels=torch.tensor(labels, dtype=torch.int64),
         classes=classes,
         paths=paths,
         sha256=shas,
-        fingerprint=fp.hexdigest()[:16],
+        fingerprint=fingerprint,
         skipped=skipped,
         source="decoded" if decoded else "disk-cache",
         decoded=decoded,
     )
+
+
+def _rows_to_set(rows, cache_dir, fingerprint: str, n: int, size: int, budget: float):
+    """The decoded rows (a temp file) as this data set's cached .npy; read into RAM if it fits
+    the budget, else streamed."""
+    path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{size}px-{fingerprint}.npy"
+    row = 3 * size * size
+    try:
+        if imagestore.open_cached(path) is None:
+
+            def read_back():
+                rows.seek(0)
+                for _ in range(n):
+                    yield np.frombuffer(rows.read(row), dtype=np.uint8)
+
+            imagestore.write(path, (n, 3, size, size), read_back(), dict)
+    finally:
+        rows.close()
+        os.unlink(rows.name)
+    cached = imagestore.open_cached(path)
+    assert cached is not None
+    store = cached[0]
+    return store.load() if store.nbytes <= budget * 2**20 else store
 
 
 def load_synthetic(
@@ -271,7 +313,7 @@ def load_images(data: DictConfig) -> ImageSet:
         images = load_synthetic(data.per_class, data.image_size, data.generator_seed, cache,
                                 data.ram_budget_mb)  # fmt: skip
     else:
-        images = load_folder(root, data.image_size, cache)
+        images = load_folder(root, data.image_size, cache, data.ram_budget_mb)
     _loaded[key] = images
     return images
 
