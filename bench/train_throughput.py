@@ -73,7 +73,8 @@ def main() -> None:
     import numpy as np
     import pytorch_lightning as pl
 
-    from equip.data import ImageDataModule, ImageSet
+    from equip.data import ImageSet
+    from equip.loaders import ImageDataModule
     from equip.model import Classifier
 
     data = ImageSet(x, y, [str(i) for i in range(12)], [], [], "bench")

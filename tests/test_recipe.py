@@ -229,11 +229,11 @@ def _cv(*overrides: str) -> tuple[str, list[dict]]:
     make_cfg()  # hydra composes before the store is touched
     import mlflow
 
-    from equip.tracking import connect, experiment_id
+    from equip.store import connect, experiment_id
 
     connect(make_cfg().tracking)
     client = MlflowClient()
-    parent = client.create_run(experiment_id("equip", "mlartifacts"), run_name="cv",
+    parent = client.create_run(experiment_id(make_cfg().tracking), run_name="cv",
                                tags={"equip.swept_keys": "data.fold",
                                      "equip.sweep_key": "k" + str(len(overrides))})  # fmt: skip
     pid = parent.info.run_id

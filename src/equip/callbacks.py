@@ -18,14 +18,16 @@ class EpochMetrics(pl.Callback):
     model, and logs against global_step; we want one step per epoch and the run kept open.
     """
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str | None, history: list[dict[str, float]] | None = None):
+        """`run_id` None: a rank > 0 of a distributed job, which logs nothing. `history`: the
+        epochs a resumed run logged before it was cut off."""
         self.run_id = run_id
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = list(history or [])
         self.train_images = 0
         self._t0 = 0.0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
-        self.train_images += len(batch[1])
+        self.train_images += len(batch[1]) * trainer.world_size  # every rank sees its own batch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
@@ -38,16 +40,19 @@ class EpochMetrics(pl.Callback):
         }
         metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         metrics["epoch_time_s"] = time.perf_counter() - self._t0
+        epoch = trainer.current_epoch
+        if self.run_id is None or any(h["epoch"] >= epoch for h in self.history):
+            return  # another rank's copy, or an epoch a resumed run already logged
         heartbeat = {schema.HEARTBEAT: str(int(time.time()))}  # this run is alive (equip.store)
-        tracking.log_metrics(self.run_id, metrics, step=trainer.current_epoch, tags=heartbeat)
-        self.history.append({"epoch": trainer.current_epoch, **metrics})
+        tracking.log_metrics(self.run_id, metrics, step=epoch, tags=heartbeat)
+        self.history.append({"epoch": epoch, **metrics})
 
 
 class MedianStopping(pl.Callback):
     """Stop a sweep job whose monitored metric is worse than the median of its finished
     siblings at the same epoch (the median stopping rule), and tag it as pruned."""
 
-    def __init__(self, run_id: str, experiment_id: str, parent_id: str, monitor: str,
+    def __init__(self, run_id: str | None, experiment_id: str, parent_id: str, monitor: str,
                  rule: MedianStop):  # fmt: skip
         self.run_id, self.experiment_id, self.parent_id = run_id, experiment_id, parent_id
         self.monitor, self.mode, self.rule = monitor, schema.monitor_mode(monitor), rule
@@ -58,6 +63,11 @@ class MedianStopping(pl.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if epoch + 1 < self.rule.after_epochs or value is None:
             return
+        # Rank 0 decides, every rank stops: a rank that trains on alone waits forever.
+        stop = self._decide(epoch, float(value)) if self.run_id is not None else False
+        trainer.should_stop = trainer.should_stop or bool(trainer.strategy.broadcast(stop, src=0))
+
+    def _decide(self, epoch: int, value: float) -> bool:
         from mlflow import MlflowClient
 
         client = MlflowClient()
@@ -70,12 +80,12 @@ class MedianStopping(pl.Callback):
                 self._histories[s.info.run_id] = {h.step: h.value for h in history}
         at_epoch = [h[epoch] for h in self._histories.values() if epoch in h]
         if len(at_epoch) < self.rule.min_finished:
-            return
+            return False
         median = statistics.median(at_epoch)
-        value = float(value)
         if (value < median) if self.mode == "max" else (value > median):
-            trainer.should_stop = True
             client.set_tag(self.run_id, schema.PRUNED, "true")
             client.set_tag(self.run_id, schema.PRUNED_REASON,
                            f"{self.monitor}={value:.4f} at epoch {epoch} is worse than the median "
                            f"{median:.4f} of {len(at_epoch)} finished sibling(s)")  # fmt: skip
+            return True
+        return False

@@ -26,6 +26,11 @@ ESTIMATORS = ("logreg", "random_forest", "svm")
 FEATURES = ("pixels", "hog", "color_hist")
 DATA_KINDS = ("synthetic", "folder")
 MAX_IMAGE_SIZE = 1024
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# What is tested. ddp_spawn is left out: it trains in spawned copies, so the run's callbacks in
+# this process never see the result; fsdp/deepspeed are untested here.
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -54,6 +59,13 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.registry.enabled and cfg.final_fit and cfg.registry.gate != "cv":
         raise EquipError("final_fit=true has no validation score to compare: use "
                          "registry.gate=cv with registry.enabled=true.")  # fmt: skip
+    if cfg.resume is not None:
+        if cfg.model.name == "baseline":
+            raise EquipError("resume= continues a CNN run from its checkpoint; the baseline "
+                             "trains in one go. Drop resume=.")  # fmt: skip
+        if not cfg.data.cache_dir:
+            raise EquipError("resume= needs data.cache_dir, where runs keep their last "
+                             "checkpoint. Set it back (default .cache/equip).")  # fmt: skip
     if cfg.registry.enabled:
         if not cfg.tracking.log_model:
             raise EquipError("registry.enabled=true needs the model logged: drop "
@@ -145,6 +157,8 @@ def check_data(d: DictConfig) -> None:
     _number(a, "erasing", 0, 1)
     _flag(a, "hflip")
     _flag(a, "vflip")
+    _integer(d, "num_workers", 0)
+    _number(d, "ram_budget_mb", 0)
     if kind == "synthetic":
         _integer(d, "per_class", 1, 100_000)
         _integer(d, "generator_seed")
@@ -152,6 +166,29 @@ def check_data(d: DictConfig) -> None:
         if OmegaConf.is_missing(d, "root") or not d.root:
             raise EquipError("data=folder needs data.root=PATH: a folder with one sub-folder of "
                              "images per class.")  # fmt: skip
+
+
+def check_decoded_size(n_images: int, image_size: int, cache_dir: str | None, count: str) -> None:
+    """Fail in a moment, not after hours of decoding, when the decoded images cannot fit where
+    they go: the disk of data.cache_dir, or RAM without one. `count` is the key that sets N."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    need = n_images * 3 * image_size * image_size
+    if cache_dir:
+        where = Path(cache_dir).expanduser().resolve()
+        while not where.exists():  # not made yet: the disk it will be made on
+            where = where.parent
+        free, place = shutil.disk_usage(where).free, f"the disk of data.cache_dir={cache_dir}"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        place = "RAM (data.cache_dir=null)"
+    if need > free:
+        raise EquipError(f"{count} with data.image_size={image_size}: {n_images} decoded images "
+                         f"need {need / 2**30:.1f} GiB but {place} has {free / 2**30:.1f} GiB "
+                         f"free. Lower data.image_size or {count.split('=')[0]}, or point "
+                         "data.cache_dir at a bigger disk.")  # fmt: skip
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -272,3 +309,56 @@ def check_trainer(t: DictConfig) -> None:
     if t.monitor not in schema.MONITOR_MODES:
         raise EquipError(f"trainer.monitor={t.monitor!r} is not one of: "
                          f"{', '.join(sorted(schema.MONITOR_MODES))}.")  # fmt: skip
+    _choice(t, "accelerator", ACCELERATORS, "trainer")
+    _choice(t, "strategy", STRATEGIES, "trainer")
+    if str(t.precision) not in PRECISIONS:
+        raise EquipError(f"trainer.precision={t.precision!r} is not one of: "
+                         f"{', '.join(PRECISIONS)}.")  # fmt: skip
+    devices = t.devices
+    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int)
+                              or devices < 1):  # fmt: skip
+        raise EquipError(f"trainer.devices={devices!r} must be a whole number >= 1 or auto "
+                         "(device lists are not supported: set CUDA_VISIBLE_DEVICES).")  # fmt: skip
+    _integer(t, "num_nodes", 1)
+    _integer(t, "accumulate_grad_batches", 1)
+    if t.gradient_clip_val is not None:
+        _number(t, "gradient_clip_val", 0)
+    if t.strategy == "auto" and t.num_nodes > 1:
+        raise EquipError(f"trainer.num_nodes={t.num_nodes} needs trainer.strategy=ddp (one "
+                         "process per device on every node).")  # fmt: skip
+
+
+def processes_per_node(t: DictConfig) -> int:
+    """Training processes this node runs for one job (1 unless devices > 1)."""
+    return t.devices if isinstance(t.devices, int) else 1
+
+
+def check_hardware(t: DictConfig) -> None:
+    """What the machine can run: asks torch, so only jobs about to train call it."""
+    import torch
+
+    from equip.runtime import cpu_count
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if t.accelerator in ("gpu", "cuda") and gpus == 0:
+        raise EquipError(f"trainer.accelerator={t.accelerator}: this machine has no usable "
+                         "GPU (CUDA). Use trainer.accelerator=auto or cpu.")  # fmt: skip
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise EquipError("trainer.accelerator=mps: Apple's MPS is not available here. Use "
+                         "trainer.accelerator=auto or cpu.")  # fmt: skip
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and gpus == 0
+                                        and not torch.backends.mps.is_available())  # fmt: skip
+    n = processes_per_node(t)
+    if on_cpu:
+        if n > cpu_count():
+            raise EquipError(f"trainer.devices={n} CPU processes on {cpu_count()} core(s): use "
+                             f"trainer.devices={cpu_count()} or fewer.")  # fmt: skip
+        if str(t.precision) in ("16-mixed", "16-true"):
+            raise EquipError(f"trainer.precision={t.precision} needs a GPU; on CPU use "
+                             "trainer.precision=bf16-mixed or 32-true.")  # fmt: skip
+    elif t.accelerator != "mps" and gpus and n > gpus:
+        raise EquipError(f"trainer.devices={n} but this machine has {gpus} GPU(s): use "
+                         f"trainer.devices={gpus} or fewer, or trainer.num_nodes.")  # fmt: skip
+    if n > 1 and t.strategy == "auto":
+        raise EquipError(f"trainer.devices={n} needs trainer.strategy=ddp (one process per "
+                         "device, gradients all-reduced).")  # fmt: skip

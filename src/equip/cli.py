@@ -107,6 +107,8 @@ def run_training(cfg: DictConfig) -> float:
         if isinstance(e, EquipError):
             fail(str(e), 2)
         fail(f"{describe(e)} (traceback in {save_traceback(e)})", 1)
+    if result.get("rank_zero") is False:  # another rank of a ddp job: rank 0 reports
+        return math.nan
     return report(cfg, result)
 
 

@@ -96,3 +96,18 @@ def final_fit_epochs(cv: CvResult | None, cfg: DictConfig) -> int:
     if cv is None or not cv.best_epochs:
         return int(cfg.trainer.max_epochs)
     return max(1, round(sum(cv.best_epochs.values()) / len(cv.best_epochs)) + 1)
+
+
+def final_fit_plan(cfg: DictConfig, experiment_id: str, key: str) -> tuple[CvResult | None, int]:
+    """(the config's CV sweep or None, epochs to train): the epochs the folds selected."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    cv = config_cv(MlflowClient(), experiment_id, key, cfg.registry.metric)
+    if cv is None:
+        logging.getLogger(__name__).warning(
+            "final fit: no complete CV sweep of this config on this data (run `python train.py "
+            "-m sweep=cv` with the same overrides): training trainer.max_epochs=%s epochs, no "
+            "score", cfg.trainer.max_epochs)  # fmt: skip
+    return cv, final_fit_epochs(cv, cfg)

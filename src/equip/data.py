@@ -1,9 +1,10 @@
-"""Images in, uint8 tensors out: loading, preprocessing, caching, the split and the DataModule.
+"""Images in, uint8 tensors out: loading, preprocessing and caching.
 
 Preprocessing follows the course: composite transparency onto white, pad to a white square keeping
 the aspect ratio, resize, stretch each channel's contrast. Every file is decoded once: results are
 kept in memory for the process (a Hydra multirun loads the data once, not once per job) and on disk
-keyed by file content and preprocessing settings (a second run starts from the cache).
+keyed by file content and preprocessing settings (a second run starts from the cache). The
+DataModule that serves the images to Lightning is in equip.loaders.
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
+from equip import imagestore
+from equip.checks import check_decoded_size
 from equip.errors import EquipError
+from equip.imagestore import DiskImages
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ PREPROCESS_VERSION = 1  # bump when preprocess() changes: invalidates every disk
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: torch.Tensor  # uint8, (N, 3, S, S)
+    images: torch.Tensor | DiskImages  # uint8, (N, 3, S, S): in RAM, or streamed from the cache
     labels: torch.Tensor  # int64, (N,)
     classes: list[str]
     paths: list[str]
@@ -116,9 +116,19 @@ def _cache_file(cache_dir: Path, sha: str, size: int) -> Path:
     return cache_dir / f"v{PREPROCESS_VERSION}-{size}px" / sha[:2] / f"{sha}.npy"
 
 
-def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet:
+def load_folder(
+    root: Path, image_size: int, cache_dir: Path | None, ram_budget_mb: float = float("inf")
+) -> ImageSet:
+    """Decode (or read from the per-file cache) every photo. With a cache, the decoded set also
+    becomes one .npy, written while decoding: up to `ram_budget_mb` it is read into RAM, larger
+    sets are streamed from it; without a cache the photos are stacked in RAM."""
     classes, files = scan_folder(root)
+    check_decoded_size(len(files), image_size, str(cache_dir) if cache_dir else None, "data.root")
     arrays, labels, paths, shas, skipped = [], [], [], [], []
+    rows = None
+    if cache_dir is not None:  # decoded rows go to disk as they come, not into a list
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        rows = open(cache_dir / f".folder-rows.{os.getpid()}.tmp", "w+b")  # noqa: SIM115
     decoded = 0
     for path, label in files:
         try:
@@ -155,7 +165,10 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
                 with open(tmp, "wb") as f:
                     np.save(f, arr)
                 os.replace(tmp, cached)  # atomic: parallel jobs never read half a file
-        arrays.append(arr)
+        if rows is not None:
+            rows.write(arr.tobytes())
+        else:
+            arrays.append(arr)
         labels.append(label)
         paths.append(str(path))
         shas.append(sha)
@@ -165,7 +178,10 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
             len(skipped),
             "; ".join(f"{p} ({why})" for p, why in skipped),
         )
-    if not arrays:
+    if not labels:
+        if rows is not None:
+            rows.close()
+            os.unlink(rows.name)
         raise EquipError(
             f"no readable image under data.root={root}; every file failed to decode:\n"
             + "\n".join(f"  {p}: {why}" for p, why in skipped)
@@ -173,27 +189,89 @@ def load_folder(root: Path, image_size: int, cache_dir: Path | None) -> ImageSet
     fp = hashlib.sha256(f"folder v{PREPROCESS_VERSION} {image_size}px\n".encode())
     for sha, label in sorted(zip(shas, labels, strict=True)):
         fp.update(f"{classes[label]}/{sha}\n".encode())
+    fingerprint = fp.hexdigest()[:16]
+    if rows is None:
+        images: torch.Tensor | DiskImages = torch.from_numpy(np.stack(arrays))
+    else:
+        images = _rows_to_set(rows, cache_dir, fingerprint, len(labels), image_size, ram_budget_mb)
     return ImageSet(
-        images=torch.from_numpy(np.stack(arrays)),
+        images=images,
         labels=torch.tensor(labels, dtype=torch.int64),
         classes=classes,
         paths=paths,
         sha256=shas,
-        fingerprint=fp.hexdigest()[:16],
+        fingerprint=fingerprint,
         skipped=skipped,
         source="decoded" if decoded else "disk-cache",
         decoded=decoded,
     )
 
 
-def load_synthetic(per_class: int, image_size: int, seed: int) -> ImageSet:
-    from equip.synthetic import CLASSES, make_synthetic
+def _rows_to_set(rows, cache_dir, fingerprint: str, n: int, size: int, budget: float):
+    """The decoded rows (a temp file) as this data set's cached .npy; read into RAM if it fits
+    the budget, else streamed."""
+    path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{size}px-{fingerprint}.npy"
+    row = 3 * size * size
+    try:
+        if imagestore.open_cached(path) is None:
 
-    drawn, labels = make_synthetic(per_class, image_size, seed)
-    # Through the same preprocessing as photos, so a model trained here is served consistently.
-    images = np.stack([preprocess(Image.fromarray(im.transpose(1, 2, 0)), image_size)
-                       for im in drawn])  # fmt: skip
-    shas = [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
+            def read_back():
+                rows.seek(0)
+                for _ in range(n):
+                    yield np.frombuffer(rows.read(row), dtype=np.uint8)
+
+            imagestore.write(path, (n, 3, size, size), read_back(), dict)
+    finally:
+        rows.close()
+        os.unlink(rows.name)
+    cached = imagestore.open_cached(path)
+    assert cached is not None
+    store = cached[0]
+    return store.load() if store.nbytes <= budget * 2**20 else store
+
+
+def load_synthetic(
+    per_class: int,
+    image_size: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    ram_budget_mb: float = 0,
+) -> ImageSet:
+    """Draw the built-in set (or open it from the disk cache, where it is drawn only once).
+    With a cache, sets up to `ram_budget_mb` are read into RAM and larger ones streamed."""
+    from equip.synthetic import CLASSES, iter_synthetic, synthetic_labels
+
+    labels = synthetic_labels(per_class)
+    shas: list[str] = []
+
+    def preprocessed():  # through the same preprocessing as photos: served models agree
+        for im in iter_synthetic(per_class, image_size, seed):
+            a = preprocess(Image.fromarray(im.transpose(1, 2, 0)), image_size)
+            shas.append(hashlib.sha256(a.tobytes()).hexdigest())
+            yield a
+
+    shape = (len(labels), 3, image_size, image_size)
+    decoded = 0
+    if cache_dir is None:
+        check_decoded_size(len(labels), image_size, None, f"data.per_class={per_class}")
+        arr = np.empty(shape, dtype=np.uint8)
+        for k, a in enumerate(preprocessed()):
+            arr[k] = a
+        images: torch.Tensor | DiskImages = torch.from_numpy(arr)
+        decoded = len(labels)
+    else:
+        path = synthetic_cache_file(cache_dir, per_class, image_size, seed)
+        cached = imagestore.open_cached(path)
+        if cached is None:
+            check_decoded_size(len(labels), image_size, str(cache_dir),
+                               f"data.per_class={per_class}")  # fmt: skip
+            imagestore.write(path, shape, preprocessed(), lambda: {"sha256": shas})
+            cached = imagestore.open_cached(path)
+            decoded = len(labels)
+        assert cached is not None
+        store, meta = cached
+        shas = meta["sha256"]
+        images = store.load() if store.nbytes <= ram_budget_mb * 2**20 else store
     fp = hashlib.sha256(f"synthetic {image_size}px\n".encode())
     for sha, label in zip(shas, labels, strict=True):
         fp.update(f"{CLASSES[label]}/{sha}\n".encode())
@@ -203,14 +281,21 @@ def load_synthetic(per_class: int, image_size: int, seed: int) -> ImageSet:
         counters[label] = counters.get(label, -1) + 1
         paths.append(f"synthetic://{CLASSES[label]}/{counters[label]:05d}")
     return ImageSet(
-        images=torch.from_numpy(images),
-        labels=torch.from_numpy(labels.astype(np.int64)),
+        images=images,
+        labels=torch.from_numpy(labels),
         classes=list(CLASSES),
         paths=paths,
         sha256=shas,
         fingerprint=fp.hexdigest()[:16],
-        decoded=len(labels),
+        source="decoded" if decoded else "disk-cache",
+        decoded=decoded,
     )
+
+
+def synthetic_cache_file(cache_dir: Path, per_class: int, image_size: int, seed: int) -> Path:
+    """One file per (data set, preprocessing): the drawing's seed and size, and the version."""
+    name = f"synthetic-v{PREPROCESS_VERSION}-{image_size}px-seed{seed}-{per_class}pc"
+    return cache_dir / f"{name}.npy"
 
 
 _loaded: dict[tuple, ImageSet] = {}  # one decode per process, shared by every multirun job
@@ -229,11 +314,12 @@ def load_images(data: DictConfig) -> ImageSet:
         )
     if key in _loaded:
         return replace(_loaded[key], source="memory", decoded=0)
+    cache = Path(data.cache_dir).expanduser() if data.get("cache_dir") else None
     if data.kind == "synthetic":
-        images = load_synthetic(data.per_class, data.image_size, data.generator_seed)
+        images = load_synthetic(data.per_class, data.image_size, data.generator_seed, cache,
+                                data.ram_budget_mb)  # fmt: skip
     else:
-        cache = Path(data.cache_dir).expanduser() if data.get("cache_dir") else None
-        images = load_folder(root, data.image_size, cache)
+        images = load_folder(root, data.image_size, cache, data.ram_budget_mb)
     _loaded[key] = images
     return images
 
@@ -247,74 +333,3 @@ def _tree_signature(root: Path) -> tuple:
         for p in sorted(root.rglob("*"))
         if p.is_file() and (st := p.stat())
     )
-
-
-# ---------------------------------------------------------------- DataModule
-def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
-    steps: list[v2.Transform] = []
-    if augment.crop_scale:
-        steps.append(v2.RandomResizedCrop(image_size, scale=(augment.crop_scale, 1.0)))
-    if augment.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if augment.vflip:
-        steps.append(v2.RandomVerticalFlip())
-    if augment.rotation or augment.translate:
-        t = augment.translate
-        # Photos are padded onto white: fill the uncovered corners white too, not black.
-        steps.append(v2.RandomAffine(augment.rotation, translate=(t, t) if t else None,
-                                     fill=255))  # fmt: skip
-    if augment.color_jitter:
-        j = augment.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    if augment.erasing:  # occlusion: a white rectangle, like a missing part on the white ground
-        steps.append(v2.RandomErasing(p=augment.erasing, value=255))
-    return v2.Compose(steps) if steps else None
-
-
-class TensorImages(Dataset):
-    """In-memory uint8 images. Batches are sliced in one go (__getitems__), not stacked per item."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: v2.Transform | None = None):
-        self.x, self.y, self.augment = x, y, augment
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(idx)
-        x = self.x[index]
-        if self.augment is not None:  # per image: v2 on a batch would share one random draw
-            x = torch.stack([self.augment(im) for im in x])
-        return x, self.y[index]
-
-
-def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch
-
-
-class ImageDataModule(pl.LightningDataModule):
-    def __init__(self, images: ImageSet, split: np.ndarray, data: DictConfig, seed: int):
-        super().__init__()
-        self.images, self.split, self.batch_size, self.seed = images, split, data.batch_size, seed
-        self.augment = build_augment(data.augment, data.image_size)
-
-    def subset(self, name: str, augment: v2.Transform | None = None) -> TensorImages:
-        idx = torch.from_numpy(np.flatnonzero(self.split == name))
-        return TensorImages(self.images.images[idx], self.images.labels[idx], augment)
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        ds = self.subset(name, self.augment if name == "train" else None)
-        gen = torch.Generator().manual_seed(self.seed)
-        # num_workers=0: the data is already decoded in memory; workers gained nothing on 2 cores.
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen, collate_fn=_as_batch
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -145,7 +145,10 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         loss = self.loss(logits, y)
         metrics.update(logits, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        # sync_dist: with several processes the epoch loss is the mean over every rank's images
+        # (the torchmetrics objects sync their own states).
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y),
+                 sync_dist=True)  # fmt: skip
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
 

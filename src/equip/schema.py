@@ -21,6 +21,7 @@ FINAL_FIT = "equip.final_fit"  # 'true' on a model retrained on every image (fin
 CV_PARENT = "equip.cv_parent_run_id"  # the CV sweep whose estimate a final fit carries
 ERROR = "equip.error"  # why a run ended FAILED or KILLED
 PRUNED = "equip.pruned"
+RESUMED = "equip.resumed"  # true: continued from its last checkpoint (resume=, resumed sweep)
 PRUNED_REASON = "equip.pruned_reason"
 PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests children under it
 HOST = "equip.host"  # host, pid and heartbeat of the process that runs the run: a later
@@ -56,7 +57,17 @@ MONITOR_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
 
 # Config keys (and their sub-keys) that say where or how verbosely a job is recorded or
 # launched, not what it trains: left out of a job's identity, its run name and a sweep's key.
-NOT_IDENTITY = ("hydra", "tracking", "trainer.progress_bar", "multirun", "registry")
+NOT_IDENTITY = (
+    "hydra",
+    "tracking",
+    "trainer.progress_bar",
+    "multirun",
+    "registry",
+    "resume",
+    "data.cache_dir",
+    "data.num_workers",
+    "data.ram_budget_mb",
+)
 # ...and the keys that only choose the split, left out of a config's CV key.
 SPLIT_KEYS = ("data.fold", "data.folds", "data.val_fraction", "data.test_fraction", "final_fit")
 

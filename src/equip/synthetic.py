@@ -8,7 +8,7 @@ raw-pixel linear model fails where a small CNN learns the shapes.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -260,10 +260,20 @@ def make_synthetic(per_class: int, image_size: int, seed: int = 0) -> tuple[np.n
     class."""
     n = per_class * len(CLASSES)
     images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
-    labels = np.repeat(np.arange(len(CLASSES), dtype=np.int64), per_class)
-    for k in range(n):
+    for k, im in enumerate(iter_synthetic(per_class, image_size, seed)):
+        images[k] = im
+    return images, synthetic_labels(per_class)
+
+
+def synthetic_labels(per_class: int) -> np.ndarray:
+    return np.repeat(np.arange(len(CLASSES), dtype=np.int64), per_class)
+
+
+def iter_synthetic(per_class: int, image_size: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """The images of make_synthetic one at a time, in the same order: a large set can be
+    written to disk without ever being whole in RAM."""
+    for k in range(per_class * len(CLASSES)):
         c, i = divmod(k, per_class)
         # Keyed by (seed, class, index), not by position: image i of class c ignores per_class.
         rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, c, i]))
-        images[k] = _draw_one(c, rng, image_size)
-    return images, labels
+        yield _draw_one(c, rng, image_size)

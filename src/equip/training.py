@@ -27,12 +27,13 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
-from equip import __version__, reports, schema, store, tracking
+from equip import __version__, distributed, reports, resume, schema, store, tracking
 from equip.callbacks import EpochMetrics, MedianStopping
-from equip.checks import check_config
-from equip.data import ImageDataModule, ImageSet, load_images
+from equip.checks import check_config, check_hardware, processes_per_node
+from equip.data import ImageSet, load_images
 from equip.failures import record_failure
 from equip.job import JobContext, config_hash, cv_key, finished_twin
+from equip.loaders import ImageDataModule
 from equip.model import Classifier, mflops_per_image
 from equip.redaction import redact_overrides, redact_tree
 from equip.runtime import apply_fast_path, exit_with
@@ -54,56 +55,82 @@ def train(
 
     `job` is the job's context (a list of overrides is a plain run named by them); `callbacks`
     join the Trainer's. `model=baseline` trains the scikit-learn baseline through the same path.
+    In a distributed job (trainer.strategy=ddp) only global rank 0 gets here; the others train
+    in `_train_other_rank`.
     """
     if not isinstance(job, JobContext):
         job = JobContext(overrides=list(job or ()))
+    if not distributed.is_rank_zero():
+        return _train_other_rank(cfg, job, callbacks)
     run_id: str | None = None
     checkpoint: ModelCheckpoint | None = None
+    ckpt_dir: Path | None = None
     try:  # any failure from here on is recorded (a sweep job that fails early still shows)
         check_config(cfg)
-        apply_fast_path(job.parallel_jobs)
+        cnn = cfg.model.name != "baseline"
+        if cnn:
+            check_hardware(cfg.trainer)
+        apply_fast_path(job.parallel_jobs * (processes_per_node(cfg.trainer) if cnn else 1))
         if job.sweep_pid is not None:
             exit_with(job.sweep_pid)  # a worker of a parallel sweep dies with the sweep
         uri = store.connect(cfg.tracking)
         images = load_images(cfg.data)
+        d = cfg.data
         exp_id = store.experiment_id(cfg.tracking)
         name = tracking.run_name(cfg, job.name_overrides())
         cfg_hash = config_hash(cfg, images.fingerprint)
         key = cv_key(cfg, images.fingerprint)
         cv_tags, cv_metrics, epochs = {}, {}, None
         if cfg.final_fit:  # every image trains; the score is this config's CV estimate
+            from equip.crossval import final_fit_plan
+
             split = np.full(len(images.labels), "train")
-            cv, epochs = _final_fit_plan(cfg, exp_id, key)
+            cv, epochs = final_fit_plan(cfg, exp_id, key)
             if cv is not None:
                 cv_tags[schema.CV_PARENT] = cv.parent_id
                 cv_metrics = {f"cv_mean_{cfg.registry.metric}": cv.mean,
                               "cv_folds": float(cv.folds)}  # fmt: skip
             cv_tags[schema.FINAL_FIT] = "true"
         else:
-            split = split_for(images, cfg.data)
-        if job.in_sweep and job.resume:
+            split = split_for(images, d)
+        resume_id = resume.find_run(cfg, exp_id, cfg_hash) if cfg.resume else None
+        if job.in_sweep and job.resume and resume_id is None:
             twin = finished_twin(exp_id, job.parent_run_id, cfg_hash)
             if twin is not None:  # a resumed sweep: this exact config already finished
                 where = tracking.run_location(uri, exp_id, twin.info.run_id)
                 return {"run_id": twin.info.run_id, "run_name": twin.info.run_name,
                         "skipped": True, "metrics": twin.data.metrics, "experiment_id": exp_id,
                         "location": where}  # fmt: skip
+            if cnn and d.cache_dir:  # cut off mid-training: continue from its last checkpoint
+                resume_id = resume.unfinished_twin(cfg, exp_id, job.parent_run_id, cfg_hash)
         tags = {schema.VERSION: __version__, schema.DATA_FINGERPRINT: images.fingerprint,
                 schema.DATA_SOURCE: images.source, schema.CONFIG_HASH: cfg_hash,
                 schema.MODEL_KIND: str(cfg.model.name), schema.CV_KEY: key, **cv_tags,
                 **job.extra_tags, **store.process_tags(),
                 **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
-        ckpt_dir = tempfile.mkdtemp(prefix="equip-ckpt-")
+        if resume_id is not None:
+            run = mlflow.start_run(run_id=resume_id)
+            mlflow.set_tags({schema.DATA_SOURCE: images.source, schema.RESUMED: "true",
+                             **store.process_tags()})  # fmt: skip
+            if schema.ERROR in run.data.tags:  # the error that cut it off is history now
+                mlflow.delete_tag(schema.ERROR)
+            name = run.info.run_name
+        else:
+            run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags,
+                                   parent_run_id=job.parent_run_id)  # fmt: skip
+        run_id = run.info.run_id
+        log.info("MLflow run %s (%s)%s", name, run_id, " resumed" if resume_id else "")
+        if d.cache_dir and cnn:  # kept until the run FINISHES: resume= continues from last.ckpt
+            ckpt_dir = resume.checkpoint_dir(cfg, run_id)
+        else:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="equip-ckpt-"))
         checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best", save_top_k=1,
+            dirpath=ckpt_dir, filename="best", save_top_k=1, save_last=True,
             monitor=cfg.trainer.monitor, mode=schema.monitor_mode(cfg.trainer.monitor),
         )  # fmt: skip
-        run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags,
-                               parent_run_id=job.parent_run_id)  # fmt: skip
-        run_id = run.info.run_id
-        log.info("MLflow run %s (%s)", name, run_id)
-        _log_inputs(cfg, job.overrides, images, split)
-        if cfg.model.name == "baseline":
+        if resume_id is None:
+            _log_inputs(cfg, job.overrides, images, split)
+        if not cnn:
             from equip.baseline import fit_and_log
 
             result = fit_and_log(cfg, images, split, run_id, job.parallel_jobs)
@@ -118,7 +145,8 @@ def train(
             if job.in_sweep and job.median_stop is not None:
                 extra.append(MedianStopping(run_id, exp_id, job.parent_run_id,
                                             cfg.trainer.monitor, job.median_stop))  # fmt: skip
-            result = _fit_cnn(cfg, images, split, run_id, checkpoint, extra, epochs)
+            last = str(ckpt_dir / resume.LAST) if resume_id else None
+            result = _fit_cnn(cfg, images, split, run_id, checkpoint, extra, last, epochs)
         if cv_metrics:
             tracking.log_metrics(run_id, cv_metrics, step=0)
             result["metrics"].update(cv_metrics)
@@ -132,28 +160,38 @@ def train(
     except BaseException as e:
         best = checkpoint.best_model_path if checkpoint is not None else None
         record_failure(e, cfg, job, run_id, best)
+        resumable = ckpt_dir is not None and d.cache_dir and (ckpt_dir / resume.LAST).exists()
+        if ckpt_dir is not None and not resumable:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing resume= could continue
         raise
-    finally:
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.dirpath, ignore_errors=True)
     mlflow.end_run("FINISHED")
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # best.ckpt is in the run now
     result.update(run_id=run_id, run_name=name, experiment_id=exp_id,
                   location=tracking.run_location(uri, exp_id, run_id))  # fmt: skip
     return result
 
 
-def _final_fit_plan(cfg: DictConfig, experiment_id: str, key: str):
-    """(the config's CV sweep or None, epochs to train): the epochs the folds selected."""
-    from mlflow import MlflowClient
-
-    from equip.crossval import config_cv, final_fit_epochs
-
-    cv = config_cv(MlflowClient(), experiment_id, key, cfg.registry.metric)
-    if cv is None:
-        log.warning("final fit: no complete CV sweep of this config on this data (run "
-                    "`python train.py -m sweep=cv` with the same overrides): training "
-                    "trainer.max_epochs=%s epochs, no score", cfg.trainer.max_epochs)  # fmt: skip
-    return cv, final_fit_epochs(cv, cfg)
+def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.Callback]):
+    """A rank > 0 of a distributed job: the same data, config and Trainer as rank 0, and no
+    MLflow at all (rank 0 owns the run). Its checkpoint folder is rank 0's (Lightning
+    broadcasts it) and so is the checkpoint it resumes from."""
+    check_config(cfg)
+    apply_fast_path(job.parallel_jobs * processes_per_node(cfg.trainer))
+    images = load_images(cfg.data)
+    split = split_for(images, cfg.data)
+    checkpoint = ModelCheckpoint(
+        dirpath=tempfile.gettempdir(), filename="best", save_top_k=1, save_last=True,
+        monitor=cfg.trainer.monitor, mode=schema.monitor_mode(cfg.trainer.monitor),
+    )  # fmt: skip
+    extra = list(callbacks)
+    if job.in_sweep and job.median_stop is not None:  # takes part in rank 0's decision
+        extra.append(MedianStopping(None, "", job.parent_run_id or "", cfg.trainer.monitor,
+                                    job.median_stop))  # fmt: skip
+    module, trainer, dm, epochs = _trainer(cfg, images, split, None, checkpoint, extra)
+    trainer.fit(module, dm, ckpt_path=distributed.resume_checkpoint())
+    distributed.leave_group()
+    return {"run_id": None, "rank_zero": False, "metrics": {}}
 
 
 def _log_inputs(cfg: DictConfig, overrides: Sequence[str], images: ImageSet, split: np.ndarray):
@@ -177,6 +215,53 @@ def _log_inputs(cfg: DictConfig, overrides: Sequence[str], images: ImageSet, spl
         mlflow.log_text("".join(f"{p}\t{why}\n" for p, why in images.skipped), "data/skipped.tsv")
 
 
+def _trainer(
+    cfg: DictConfig,
+    images: ImageSet,
+    split: np.ndarray,
+    run_id: str | None,
+    checkpoint: ModelCheckpoint,
+    extra_callbacks: Sequence[pl.Callback],
+    history: list[dict[str, float]] | None = None,
+    n_epochs: int | None = None,
+) -> tuple[Classifier, pl.Trainer, ImageDataModule, EpochMetrics]:
+    """The module, Trainer and data of a CNN job: identical in every rank. Without val images
+    (a final fit) it trains `n_epochs` epochs and keeps the last weights."""
+    final_fit = not (split == "val").any()
+    # Seed before the weights exist: a job's result must not depend on the jobs before it.
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Lightning saves these hyper-parameters inside every checkpoint: never a secret among them.
+    model_cfg = redact_tree(OmegaConf.to_container(cfg.model, resolve=True))
+    module = Classifier(model_cfg, images.classes, cfg.data.image_size)
+    t = cfg.trainer
+    epochs = EpochMetrics(run_id, history)
+    callbacks: list[pl.Callback] = [checkpoint, epochs, *extra_callbacks]
+    if t.patience > 0 and not final_fit:
+        callbacks.append(EarlyStopping(t.monitor, patience=t.patience,
+                                       mode=schema.monitor_mode(t.monitor)))  # fmt: skip
+    if cfg.model.ema_decay:  # validated and checkpointed with the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=cfg.model.ema_decay))
+    if t.progress_bar and run_id is not None:
+        callbacks.append(RichProgressBar())
+    distributed_run = t.strategy != "auto"
+    if distributed_run:
+        distributed.use_job_command()
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        max_epochs=n_epochs or t.max_epochs, logger=False, callbacks=callbacks,
+        enable_progress_bar=t.progress_bar and run_id is not None,
+        enable_model_summary=False, num_sanity_val_steps=0,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=0 if final_fit else t.limit_val_batches,
+        # Our loaders shard themselves: val/test without the padding duplicates Lightning adds.
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    dm = ImageDataModule(images, split, cfg.data, cfg.seed)
+    return module, trainer, dm, epochs
+
+
 def _fit_cnn(
     cfg: DictConfig,
     images: ImageSet,
@@ -184,47 +269,33 @@ def _fit_cnn(
     run_id: str,
     checkpoint: ModelCheckpoint,
     extra_callbacks: Sequence[pl.Callback],
+    resume_from: str | None = None,
     n_epochs: int | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate on the val images; with none (a final fit) train `n_epochs` epochs
-    and keep the last weights."""
     final_fit = not (split == "val").any()
-    # Seed before the weights exist: a job's result must not depend on the jobs before it.
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    # Lightning saves these hyper-parameters inside every checkpoint: never a secret among them.
-    model_cfg = redact_tree(OmegaConf.to_container(cfg.model, resolve=True))
-    module = Classifier(model_cfg, images.classes, cfg.data.image_size)
-    mlflow.log_params({
-        "arch.params": sum(p.numel() for p in module.parameters()),
-        "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
-    })  # fmt: skip
+    history = resume.logged_history(run_id) if resume_from else None
+    module, trainer, dm, epochs = _trainer(cfg, images, split, run_id, checkpoint,
+                                           extra_callbacks, history, n_epochs)  # fmt: skip
+    if resume_from is None:
+        mlflow.log_params({
+            "arch.params": sum(p.numel() for p in module.parameters()),
+            "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
+        })  # fmt: skip
     t = cfg.trainer
     mode = schema.monitor_mode(t.monitor)
-    epochs = EpochMetrics(run_id)
-    callbacks: list[pl.Callback] = [epochs, *extra_callbacks]
-    if not final_fit:
-        callbacks.insert(0, checkpoint)
-    if t.patience > 0 and not final_fit:
-        callbacks.append(EarlyStopping(t.monitor, patience=t.patience, mode=mode))
-    if cfg.model.ema_decay:  # validated and checkpointed with the averaged weights
-        callbacks.append(EMAWeightAveraging(decay=cfg.model.ema_decay))
-    if t.progress_bar:
-        callbacks.append(RichProgressBar())
-    trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_epochs=n_epochs or t.max_epochs, logger=False,
-        callbacks=callbacks, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=0 if final_fit else t.limit_val_batches,
-    )  # fmt: skip
-    dm = ImageDataModule(images, split, cfg.data, cfg.seed)
     t0 = time.perf_counter()
-    trainer.fit(module, dm)
+    with distributed.launcher_environment():
+        distributed.share_resume_checkpoint(resume_from)
+        trainer.fit(module, dm, ckpt_path=resume_from)
+        distributed.leave_group()
     train_time = time.perf_counter() - t0
 
     best = checkpoint.best_model_path
     if not best:  # no validation score was ever recorded: keep the last weights
-        best = str(Path(checkpoint.dirpath) / "last.ckpt")
+        best = str(Path(checkpoint.dirpath) / resume.LAST)
+        trainer.save_checkpoint(best)
+    if final_fit:  # no validation score: the last weights are the model
+        best = str(Path(checkpoint.dirpath) / "final.ckpt")
         trainer.save_checkpoint(best)
     model = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
     final = {
@@ -234,13 +305,13 @@ def _fit_cnn(
         "train_images_per_s": epochs.train_images / max(train_time, 1e-9),
     }
     if (split == "test").any():
-        t_true, t_probs = _predict(model, dm.subset("test"))
+        t_true, t_probs = _predict(model, dm.subset("test"), cfg.data.batch_size)
         final["test_acc"] = float((t_true == t_probs.argmax(1)).float().mean())
     if final_fit:  # nothing left to validate on: the score is the CV estimate
         final["best_epoch"] = len(epochs.history) - 1
         tracking.log_metrics(run_id, final, step=len(epochs.history))
     else:
-        y_true, probs = _predict(model, dm.subset("val"))
+        y_true, probs = _predict(model, dm.subset("val"), cfg.data.batch_size)
         final = reports.log_evaluation(run_id, images.classes, y_true, probs, final,
                                        len(epochs.history))  # fmt: skip
     if epochs.history:
@@ -256,11 +327,18 @@ def _fit_cnn(
     return result
 
 
-def _predict(model: Classifier, subset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and class probabilities of a whole subset."""
+def _predict(model: Classifier, subset, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and class probabilities of a whole subset, a training batch at a time: the
+    subset may be streamed from disk, and activations stay the size training needed."""
+    ys, probs = [], []
     with torch.inference_mode():
-        logits = [model(subset.x[i : i + 256]) for i in range(0, len(subset), 256)]
-    return subset.y, torch.cat(logits).softmax(1)
+        for i in range(0, len(subset), batch):
+            x, y = subset.__getitems__(range(i, min(i + batch, len(subset))))
+            probs.append(model(x).softmax(1))
+            ys.append(y)
+    if not ys:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, len(model.classes))
+    return torch.cat(ys), torch.cat(probs)
 
 
 def _best_epoch(history: list[dict[str, float]], monitor: str, mode: str) -> int:
