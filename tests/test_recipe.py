@@ -132,25 +132,29 @@ def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
 
     import mlflow.pyfunc
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     from equip.synthetic import CLASSES
     from equip.training import train
     from tests.conftest import write_pngs
 
     result = train(make_cfg("model=baseline"))
-    model = mlflow.pyfunc.load_model(result["model_uri"])
     files = write_pngs(tmp_path / "photos", 3)
     values = [str(f) for f in files[:2]] + [base64.b64encode(files[2].read_bytes()).decode()]
+    with pytest.raises(MlflowException, match="file paths are off"):  # as for the CNN's model
+        mlflow.pyfunc.load_model(result["model_uri"]).predict(pd.DataFrame({"image": values}))
+    model = mlflow.pyfunc.load_model(result["model_uri"],
+                                     model_config={"image_root": str(tmp_path)})  # fmt: skip
     out = model.predict(pd.DataFrame({"image": values}))
     assert list(out.columns[:2]) == ["class", "probability"]
     assert [c.removeprefix("p_") for c in out.columns[2:]] == list(CLASSES)
     assert out["class"].isin(CLASSES).all() and len(out) == 3
     assert np.allclose(out.filter(like="p_").sum(1), 1, atol=1e-5)
     assert (out["probability"] == out.filter(like="p_").max(1)).all()
-    # The same files through equip.predict's loader, by run id.
-    from equip.predict import load_predictor
+    # The same files through equip.predict (it sends them as base64), by run id.
+    from equip.predict import load_predictor, predict_files
 
-    again = load_predictor(result["run_id"])(pd.DataFrame({"image": values}))
+    again = predict_files(load_predictor(result["run_id"]), files)
     assert (again["class"] == out["class"]).all()
 
 
