@@ -101,7 +101,7 @@ def write_arrows(root, per_class: int = 24, size: int = 40, seed: int = 0) -> No
 
 
 def test_asymmetric_symbols_are_not_flipped_by_default(tmp_path):
-    from equip.data import build_augment
+    from equip.loaders import build_augment
 
     write_arrows(tmp_path / "arrows", per_class=2)
     cfg = make_cfg("data=folder", f"data.root={tmp_path / 'arrows'}", tiny=False)

@@ -176,3 +176,12 @@ def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path):
     assert parent.info.run_name.startswith("sweep learning_rate")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert parent.data.tags["equip.swept_keys"] == "model.lr,model.weight_decay,data.batch_size"
+
+
+def test_a_failing_optuna_trial_does_not_stop_the_study(tmp_path: Path):
+    # val_fraction=0.01 leaves classes without validation images: every trial fails at the split.
+    proc = sweep("sweep=learning_rate", "hydra.sweeper.n_trials=2", "data.val_fraction=0.01",
+                 cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"]

@@ -200,7 +200,7 @@ class AzureMLLauncher(Launcher):
         )
         if j.cfg.multirun.continue_on_failure:
             console.print(f"[bold red]job failed[/] (the sweep goes on): {escape(why)}  {j.url}")
-            return job_return(j, math.nan, JobStatus.COMPLETED, sweep_dir)
+            return job_return(j, sweep_job.FAILED_JOB_SCORE, JobStatus.COMPLETED, sweep_dir)
         return job_return(j, RuntimeError(f"{why}: {j.url}"), JobStatus.FAILED, sweep_dir)
 
 

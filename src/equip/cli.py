@@ -76,7 +76,7 @@ def run_training(cfg: DictConfig) -> float:
     """Train one job; return its monitored metric, negated when lower is better, so that an
     Optuna sweeper with direction=maximize always optimises the right way."""
     from equip.checks import check_config
-    from equip.job import JobContext
+    from equip.job import FAILED_JOB_SCORE, JobContext
     from equip.store import check_store
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -103,7 +103,7 @@ def run_training(cfg: DictConfig) -> float:
         if job.in_sweep and job.continue_on_failure:
             console.print(f"[bold red]job failed[/] (the sweep goes on): {describe(e)}",
                           highlight=False)  # fmt: skip
-            return math.nan
+            return FAILED_JOB_SCORE
         if isinstance(e, EquipError):
             fail(str(e), 2)
         fail(f"{describe(e)} (traceback in {save_traceback(e)})", 1)

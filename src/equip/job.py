@@ -20,7 +20,10 @@ from equip.tracking import config_params
 
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
 SWEPT_ENV = "EQUIP_SWEPT_KEYS"
-SWEEP_PID_ENV = "EQUIP_SWEEP_PID"  # the process that runs the sweep (workers exit with it)
+SWEEP_PID_ENV = "EQUIP_SWEEP_PID"
+# What a failed job returns to the sweeper: the worst score (sweepers maximise what jobs return;
+# Optuna stops the whole study on NaN, and -inf keeps it going).
+FAILED_JOB_SCORE = float("-inf")  # the process that runs the sweep (workers exit with it)
 DRY_RUN_PARENT = "DRY-RUN-NO-PARENT-RUN"  # a launcher's dry run: jobs are written, never run
 
 

@@ -51,6 +51,7 @@ def board_row(run, keys: list[str]) -> dict[str, Any]:
         "epochs": m.get("epochs_trained"), "train_time_s": m.get("train_time_s"),
         "params": p.get("arch.params"), "pruned": t.get(schema.PRUNED) == "true",
         "error": t.get(schema.ERROR, ""), "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
         "config_hash": t.get(schema.CONFIG_HASH, run.info.run_id),
     }  # fmt: skip
 
@@ -154,7 +155,11 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
         "jobs_finished": sum(r["status"] == "FINISHED" for r in rows),
         "jobs_failed": sum(r["status"] in ("FAILED", "KILLED") for r in rows),
         "jobs_pruned": sum(r["pruned"] for r in rows),
-        "jobs_skipped": sum(since > 0 and r["start_time"] < since * 1000 for r in rows),
+        # finished before this invocation began (a job continued now with resume= is not)
+        "jobs_skipped": sum(
+            since > 0 and r["status"] == "FINISHED" and (r["end_time"] or 0) < since * 1000
+            for r in rows
+        ),  # fmt: skip
     }
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -59,7 +58,7 @@ from rich.console import Console
 
 from equip import schema, store
 from equip.errors import EquipError
-from equip.job import PARENT_ENV, SWEPT_ENV
+from equip.job import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
@@ -277,7 +276,8 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
                 console.print(f"[bold red]job #{idx} {LOST_NODE}[/] ({type(e).__name__}: "
                               f"{first}); run the same command again to rerun it",
                               highlight=False)  # fmt: skip
-                results.append(_completed(overrides, math.nan) if go_on else _failed(overrides, e))
+                lost = _completed(overrides, FAILED_JOB_SCORE) if go_on else _failed(overrides, e)
+                results.append(lost)
     except BaseException:  # Ctrl-C: stop the jobs still queued or running
         for _, _, ref in refs:
             ray.cancel(ref, force=True)
