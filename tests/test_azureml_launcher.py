@@ -374,7 +374,7 @@ def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
     returns = launcher.launch(points, initial_job_idx=0)
     values = [r.return_value for r in returns]
     assert values[:2] == pytest.approx([-0.1, -0.2])  # val_loss, negated for the sweeper
-    assert values[2] != values[2]  # NaN: failed, and the sweep goes on
+    assert values[2] == float("-inf")  # failed (the worst score), and the sweep goes on
     assert "job failed" in capsys.readouterr().err
 
     # Resumed: finished jobs are not submitted again; the failed one is.
