@@ -79,13 +79,14 @@ def run_training(cfg: DictConfig) -> float:
     from equip.job import FAILED_JOB_SCORE, JobContext
     from equip.store import check_store
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     job = JobContext.from_hydra(cfg)
     try:
         check_config(cfg)  # before torch is imported: a bad value costs a second, not ten
         check_store(cfg.tracking)
         from equip.training import train
 
+        # After the import: importing Lightning sets its logger to INFO (GPU/TPU notices, tips).
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         result = train(cfg, job)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
         console.print("[bold yellow]stopped by you[/]: the run is marked KILLED; run the same "
