@@ -39,6 +39,16 @@ def split_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
     return [images.sha256[find(i)] for i in range(len(parent))]
 
 
+def _checked_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
+    """split_groups, with a bad data.group_pattern named in one line."""
+    try:
+        return split_groups(images, group_pattern)
+    except re.error as e:
+        raise EquipError(
+            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
+        ) from None
+
+
 def split_images(
     images: ImageSet,
     val_fraction: float,
@@ -52,12 +62,7 @@ def split_images(
     leak a training image into validation.
     """
     check_fractions(val_fraction, test_fraction)
-    try:
-        group_of = split_groups(images, group_pattern)
-    except re.error as e:
-        raise EquipError(
-            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
-        ) from None
+    group_of = _checked_groups(images, group_pattern)
     labels = images.labels.numpy()
     side: dict[str, str] = {}
     for c, name in enumerate(images.classes):
@@ -97,12 +102,7 @@ def fold_split(
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    try:
-        group_of = split_groups(images, group_pattern)
-    except re.error as e:
-        raise EquipError(
-            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
-        ) from None
+    group_of = _checked_groups(images, group_pattern)
     labels = images.labels.numpy()
     for c, name in enumerate(images.classes):
         n = len({group_of[i] for i in np.flatnonzero(labels == c)})
