@@ -202,6 +202,20 @@ def test_recipe_trains_from_yaml_keys_and_tta_ema_change_predictions_determinist
     assert torch.allclose(p_tta, expected, atol=1e-6)
 
 
+def test_precision_auto_trains_in_bf16_only_where_the_hardware_runs_it(store: str):
+    from equip.runtime import resolve_precision
+    from equip.training import train
+
+    amx = torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if amx else "32-true")
+    assert resolve_precision("32-true", "auto") == "32-true"  # anything else passes through
+    result = train(make_cfg("trainer.precision=auto", "trainer.accelerator=cpu", *RECIPE))
+    run = MlflowClient(store).get_run(result["run_id"])
+    assert run.data.params["trainer.precision"] == "auto"
+    assert run.data.params["runtime.precision"] == ("bf16-mixed" if amx else "32-true")
+    assert run.info.status == "FINISHED" and np.isfinite(run.data.metrics["best_val_loss"])
+
+
 def test_recipe_keys_are_checked():
     from equip.checks import check_config
 

@@ -30,7 +30,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # What is tested. ddp_spawn is left out: it trains in spawned copies, so the run's callbacks in
 # this process never see the result; fsdp/deepspeed are untested here.
 STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
+              "64-true", "64")  # fmt: skip
 
 
 def check_config(cfg: DictConfig) -> None:

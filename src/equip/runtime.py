@@ -78,3 +78,21 @@ def exit_with(pid: int, poll_s: float = 1.0) -> None:
             time.sleep(poll_s)
 
     threading.Thread(target=watch, name="equip-exit-with-sweep", daemon=True).start()
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """trainer.precision=auto: bf16 mixed precision where the hardware runs it natively, else
+    32-bit. Measured on a 2-core Xeon with AMX (experiment=gear's CNN, 96 px): a bf16-mixed
+    training step takes half the time of a 32-true one. CPUs without AMX are not measured, so
+    auto keeps them at 32-bit."""
+    if str(precision) != "auto":
+        return str(precision)
+    import torch
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return "32-true"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private, hence getattr
+    return "bf16-mixed" if amx() else "32-true"

@@ -36,7 +36,7 @@ from equip.job import JobContext, config_hash, cv_key, finished_twin
 from equip.loaders import ImageDataModule
 from equip.model import Classifier, mflops_per_image
 from equip.redaction import redact_overrides, redact_tree
-from equip.runtime import apply_fast_path, exit_with
+from equip.runtime import apply_fast_path, exit_with, resolve_precision
 from equip.split import split_for, split_manifest
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _trainer(
         distributed.use_job_command()
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision,
+        strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator),
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         max_epochs=n_epochs or t.max_epochs, logger=False, callbacks=callbacks,
         enable_progress_bar=t.progress_bar and run_id is not None,
@@ -280,6 +280,7 @@ def _fit_cnn(
         mlflow.log_params({
             "arch.params": sum(p.numel() for p in module.parameters()),
             "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
+            "runtime.precision": trainer.precision,  # what trainer.precision=auto chose
         })  # fmt: skip
     t = cfg.trainer
     mode = schema.monitor_mode(t.monitor)
