@@ -216,6 +216,21 @@ def test_precision_auto_trains_in_bf16_only_where_the_hardware_runs_it(store: st
     assert run.info.status == "FINISHED" and np.isfinite(run.data.metrics["best_val_loss"])
 
 
+def test_keep_last_makes_the_last_epoch_the_model_and_its_score(store: str):
+    from equip.training import train
+
+    runs = {keep: train(make_cfg(f"trainer.keep={keep}", *CV_DATA[:2], *GOOD_CNN,
+                                 "trainer.max_epochs=4", "tracking.log_model=false"))
+            for keep in ("best", "last")}  # fmt: skip
+    accs = [h["val_acc"] for h in runs["last"]["history"]]
+    assert accs == [h["val_acc"] for h in runs["best"]["history"]]  # the same training
+    assert max(accs) > accs[-1]  # (this config's last epoch is not its best)
+    best, last = runs["best"]["metrics"], runs["last"]["metrics"]
+    assert best["best_epoch"] == accs.index(max(accs))
+    assert best["best_val_acc"] == pytest.approx(max(accs))
+    assert last["best_epoch"] == 3 and last["best_val_acc"] == pytest.approx(accs[-1])
+
+
 def test_recipe_keys_are_checked():
     from equip.checks import check_config
 
@@ -225,6 +240,7 @@ def test_recipe_keys_are_checked():
         ("model.ema_decay=1", "model.ema_decay=1 must be"),
         ("model.tta=vflip", "model.tta='vflip' is not one of: none, hflip"),
         ("data.augment.erasing=2", "data.augment.erasing=2 must be"),
+        ("trainer.keep=first", "trainer.keep='first' is not one of: best, last"),
     ):
         with pytest.raises(EquipError, match=message):
             check_config(make_cfg(override))

@@ -310,6 +310,7 @@ def check_trainer(t: DictConfig) -> None:
     if t.monitor not in schema.MONITOR_MODES:
         raise EquipError(f"trainer.monitor={t.monitor!r} is not one of: "
                          f"{', '.join(sorted(schema.MONITOR_MODES))}.")  # fmt: skip
+    _choice(t, "keep", ("best", "last"), "trainer")
     _choice(t, "accelerator", ACCELERATORS, "trainer")
     _choice(t, "strategy", STRATEGIES, "trainer")
     if str(t.precision) not in PRECISIONS:

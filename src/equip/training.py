@@ -292,15 +292,14 @@ def _fit_cnn(
     train_time = time.perf_counter() - t0
 
     best = checkpoint.best_model_path
-    if not best:  # no validation score was ever recorded: keep the last weights
-        best = str(Path(checkpoint.dirpath) / resume.LAST)
-        trainer.save_checkpoint(best)
-    if final_fit:  # no validation score: the last weights are the model
-        best = str(Path(checkpoint.dirpath) / "final.ckpt")
+    keep_last = final_fit or t.keep == "last" or not best
+    if keep_last:  # the last weights are the model (no val images, or picking an epoch on
+        best = str(Path(checkpoint.dirpath) / "final.ckpt")  # them would flatter the score)
         trainer.save_checkpoint(best)
     model = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
+    last_epoch = len(epochs.history) - 1
     final = {
-        "best_epoch": _best_epoch(epochs.history, t.monitor, mode),
+        "best_epoch": last_epoch if keep_last else _best_epoch(epochs.history, t.monitor, mode),
         "epochs_trained": len(epochs.history),
         "train_time_s": train_time,
         "train_images_per_s": epochs.train_images / max(train_time, 1e-9),
@@ -309,7 +308,6 @@ def _fit_cnn(
         t_true, t_probs = _predict(model, dm.subset("test"), cfg.data.batch_size)
         final["test_acc"] = float((t_true == t_probs.argmax(1)).float().mean())
     if final_fit:  # nothing left to validate on: the score is the CV estimate
-        final["best_epoch"] = len(epochs.history) - 1
         tracking.log_metrics(run_id, final, step=len(epochs.history))
     else:
         y_true, probs = _predict(model, dm.subset("val"), cfg.data.batch_size)
