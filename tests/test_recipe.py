@@ -244,14 +244,32 @@ def test_recipe_keys_are_checked():
     ):
         with pytest.raises(EquipError, match=message):
             check_config(make_cfg(override))
+    with pytest.raises(EquipError, match="final_fit=true with trainer.strategy=ddp needs trainer"):
+        check_config(make_cfg("final_fit=true", "trainer.strategy=ddp"))
+    check_config(make_cfg("final_fit=true", "trainer.strategy=ddp", "trainer.keep=last"))
 
 
 # ---------------------------------------------------------------- final fit and the CV gate
-CV_DATA = ["data.per_class=20", "data.image_size=40", "data.folds=3"]
+# The group pattern has a regex backslash, as real ones do (experiment=gear's '^(\d+)[x_]'):
+# the CV gate must still find the baseline sweep by it.
+CV_DATA = ["data.per_class=20", "data.image_size=40", "data.folds=3",
+           "data.group_pattern='^(\\d+)$'"]  # fmt: skip
 GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
             "trainer.max_epochs=6", "model.lr=0.003", "trainer.patience=0"]  # fmt: skip
 WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
                  "model.features=[color_hist]"]  # fmt: skip
+
+
+def test_search_literals_find_values_with_backslashes_and_quotes(store: str):
+    from equip.schema import literal
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("literals")
+    for value in (r"^(\d+)[x_]", "it's", 'say "x"', "plain"):
+        run = client.create_run(exp)
+        client.log_param(run.info.run_id, "p", value)
+        [found] = client.search_runs([exp], f"params.p = {literal(value)}")
+        assert found.info.run_id == run.info.run_id, value
 
 
 def _cv(*overrides: str) -> tuple[str, list[dict]]:

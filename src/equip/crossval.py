@@ -60,7 +60,7 @@ def _result(parent_id: str, runs: list, metric: str) -> CvResult | None:
 def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult | None:
     """The newest complete CV sweep of the config with this CV key."""
     found = []
-    where = f"tags.`{schema.CV_KEY}` = '{schema.quote(cv_key)}'"
+    where = f"tags.`{schema.CV_KEY}` = {schema.literal(cv_key)}"
     for parent, runs in _fold_runs(client, experiment_id, where).items():
         result = _result(parent, runs, metric)
         if result is not None:
@@ -72,10 +72,10 @@ def baseline_cv(client, experiment_id: str, fingerprint: str, like: CvResult,
                 metric: str) -> CvResult | None:  # fmt: skip
     """The strongest complete baseline CV on the same data and the same folds as `like`."""
     where = (f"params.`model.name` = 'baseline' and "
-             f"tags.`{schema.DATA_FINGERPRINT}` = '{schema.quote(fingerprint)}' and "
+             f"tags.`{schema.DATA_FINGERPRINT}` = {schema.literal(fingerprint)} and "
              f"params.`data.folds` = '{like.folds}' and "
-             f"params.`data.split_seed` = '{schema.quote(like.split_seed)}' and "
-             f"params.`data.group_pattern` = '{schema.quote(like.group_pattern)}'")  # fmt: skip
+             f"params.`data.split_seed` = {schema.literal(like.split_seed)} and "
+             f"params.`data.group_pattern` = {schema.literal(like.group_pattern)}")  # fmt: skip
     results = [_result(parent, runs, metric)
                for parent, runs in _fold_runs(client, experiment_id, where).items()]  # fmt: skip
     results = [r for r in results if r is not None]

@@ -20,11 +20,11 @@ log = logging.getLogger(__name__)
 def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str):
     """The best FINISHED baseline run on the same data fingerprint and the same split."""
     d = cfg.data
-    pattern = "null" if d.group_pattern is None else str(d.group_pattern).replace("'", "\\'")
+    pattern = schema.literal("null" if d.group_pattern is None else str(d.group_pattern))
     same_split = (f"params.`data.split_seed` = '{d.split_seed}' and "
                   f"params.`data.val_fraction` = '{d.val_fraction}' and "
                   f"params.`data.test_fraction` = '{d.test_fraction}' and "
-                  f"params.`data.group_pattern` = '{pattern}' and "
+                  f"params.`data.group_pattern` = {pattern} and "
                   f"params.`data.folds` = '{_param(d.folds)}' and "
                   f"params.`data.fold` = '{d.fold}'")  # fmt: skip
     runs = client.search_runs(

@@ -86,16 +86,18 @@ def truncate(text: str, limit: int = MAX_TAG_VALUE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def quote(value: str) -> str:
-    """A value inside a single-quoted MLflow search filter."""
-    return value.replace("\\", "\\\\").replace("'", "\\'")
+def literal(value: str) -> str:
+    """A string literal for an MLflow search filter. MLflow takes what is between the quotes
+    as it is (no escapes: a regex's backslash stays one), so a value holding ' is double-quoted;
+    one holding both kinds of quote cannot be searched for."""
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def children_of(parent_id: str, status: str | None = None, config_hash: str | None = None) -> str:
     """Filter for the child runs of a sweep's parent, optionally one status / one config."""
-    parts = [f"tags.{PARENT} = '{quote(parent_id)}'"]
+    parts = [f"tags.{PARENT} = {literal(parent_id)}"]
     if config_hash is not None:
-        parts.append(f"tags.`{CONFIG_HASH}` = '{quote(config_hash)}'")
+        parts.append(f"tags.`{CONFIG_HASH}` = {literal(config_hash)}")
     if status is not None:
         parts.append(f"attributes.status = '{status}'")
     return " and ".join(parts)
@@ -105,4 +107,4 @@ def sweep_parents(sweep_key: str | None = None) -> str:
     """Filter for sweep parent runs (all of them, or the one sweep with `sweep_key`)."""
     if sweep_key is None:
         return f"tags.`{SWEEP_KEY}` != ''"
-    return f"tags.`{SWEEP_KEY}` = '{quote(sweep_key)}'"
+    return f"tags.`{SWEEP_KEY}` = {literal(sweep_key)}"
