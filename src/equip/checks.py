@@ -53,6 +53,10 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.data.folds is not None:
             raise EquipError(f"final_fit=true trains on every image: drop data.folds="
                              f"{cfg.data.folds} (its CV sweep gives the score).")  # fmt: skip
+        if cfg.trainer.strategy != "auto" and cfg.trainer.keep != "last":
+            # only rank 0 reads the folds' epochs from MLflow; the other ranks must agree
+            raise EquipError("final_fit=true with trainer.strategy=ddp needs trainer.keep=last "
+                             "(every rank trains trainer.max_epochs).")  # fmt: skip
     _choice(cfg.registry, "gate", ("holdout", "cv"), "registry")
     if cfg.registry.enabled and cfg.registry.gate == "cv" and cfg.data.folds is not None:
         raise EquipError("registry.gate=cv registers a model trained outside the CV sweep: "

@@ -124,10 +124,7 @@ def train(
             ckpt_dir = resume.checkpoint_dir(cfg, run_id)
         else:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="equip-ckpt-"))
-        checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best", save_top_k=1, save_last=True,
-            monitor=cfg.trainer.monitor, mode=schema.monitor_mode(cfg.trainer.monitor),
-        )  # fmt: skip
+        checkpoint = _checkpoint(cfg, ckpt_dir)
         if resume_id is None:
             _log_inputs(cfg, job.overrides, images, split)
         if not cnn:
@@ -179,11 +176,8 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
     check_config(cfg)
     apply_fast_path(job.parallel_jobs * processes_per_node(cfg.trainer))
     images = load_images(cfg.data)
-    split = split_for(images, cfg.data)
-    checkpoint = ModelCheckpoint(
-        dirpath=tempfile.gettempdir(), filename="best", save_top_k=1, save_last=True,
-        monitor=cfg.trainer.monitor, mode=schema.monitor_mode(cfg.trainer.monitor),
-    )  # fmt: skip
+    split = np.full(len(images.labels), "train") if cfg.final_fit else split_for(images, cfg.data)
+    checkpoint = _checkpoint(cfg, Path(tempfile.gettempdir()))
     extra = list(callbacks)
     if job.in_sweep and job.median_stop is not None:  # takes part in rank 0's decision
         extra.append(MedianStopping(None, "", job.parent_run_id or "", cfg.trainer.monitor,
@@ -192,6 +186,14 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
     trainer.fit(module, dm, ckpt_path=distributed.resume_checkpoint())
     distributed.leave_group()
     return {"run_id": None, "rank_zero": False, "metrics": {}}
+
+
+def _checkpoint(cfg: DictConfig, dirpath: Path) -> ModelCheckpoint:
+    """best.ckpt by trainer.monitor and last.ckpt (resume=); a final fit has no score to watch."""
+    t = cfg.trainer
+    return ModelCheckpoint(dirpath=dirpath, filename="best", save_top_k=1, save_last=True,
+                           monitor=None if cfg.final_fit else t.monitor,
+                           mode=schema.monitor_mode(t.monitor))  # fmt: skip
 
 
 def _log_inputs(cfg: DictConfig, overrides: Sequence[str], images: ImageSet, split: np.ndarray):
