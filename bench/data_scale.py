@@ -60,6 +60,14 @@ def child(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, err[-500:]
 
 
+def draw(per_class: int, size: int, cache: Path, work: Path) -> tuple[float, float]:
+    """Draw the built-in data set into `cache` in a child process: (seconds, peak RSS MiB)."""
+    code = ("from pathlib import Path; from equip.data import load_synthetic; "
+            f"load_synthetic({per_class}, {size}, 0, Path({str(cache)!r}))")  # fmt: skip
+    secs, rss, _ = child([sys.executable, "-c", code], work)
+    return secs, rss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 60000])
@@ -79,10 +87,7 @@ def main() -> None:
     from equip import imagestore
 
     for n in args.draw or []:
-        fresh = work / f"draw-{n}"
-        code = ("from pathlib import Path; from equip.data import load_synthetic; "
-                f"load_synthetic({n // 12}, {s}, 0, Path({str(fresh)!r}))")  # fmt: skip
-        secs, rss, _ = child([sys.executable, "-c", code], work)
+        secs, rss = draw(n // 12, s, work / f"draw-{n}", work)
         print(
             f"drew {n // 12 * 12} images of {s} px into a fresh cache in {secs:.0f} s "
             f"({n / secs:.0f} img/s incl. start-up), peak RSS {rss:.0f} MiB",
@@ -91,9 +96,7 @@ def main() -> None:
     if args.draw:
         return
     if imagestore.open_cached(cache_file(cache, big, s)) is None:
-        code = ("import sys; from pathlib import Path; from equip.data import load_synthetic; "
-                f"load_synthetic({big}, {s}, 0, Path({str(cache)!r}))")  # fmt: skip
-        secs, rss, _ = child([sys.executable, "-c", code], work)
+        secs, rss = draw(big, s, cache, work)
         print(
             f"drew {big * 12} images of {s} px into the cache in {secs:.0f} s "
             f"({big * 12 / secs:.0f} img/s), peak RSS {rss:.0f} MiB",
