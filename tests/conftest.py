@@ -58,22 +58,33 @@ def free_port() -> int:
 def start_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:port with its store in `folder` (reused when the
     same folder is given again: a restarted server). Returns once it answers."""
-    import time
-    import urllib.request
+    proc = launch_mlflow_server(port, folder)
+    wait_for_server(proc, port, folder)
+    return proc
 
+
+def launch_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
+    """Start the server without waiting for it (it can boot while something else starts)."""
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "a")  # noqa: SIM115  # lives as long as the server
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
          "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers die with it
     )  # fmt: skip
-    deadline = time.time() + 90
+
+
+def wait_for_server(proc: subprocess.Popen, port: int, folder: Path, timeout_s: float = 90) -> None:
+    """Return once the server answers; stop it and raise with its log if it never does."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-            return proc
+            return
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 stop_process(proc)

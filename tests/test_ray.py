@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,14 @@ ray = pytest.importorskip("ray")
 from mlflow import MlflowClient  # noqa: E402
 
 from equip import ray_launch  # noqa: E402
-from tests.conftest import ROOT, TINY, free_port  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ROOT,
+    TINY,
+    free_port,
+    launch_mlflow_server,
+    stop_process,
+    wait_for_server,
+)
 
 FAST = [*TINY, "tracking.log_model=false"]
 MB = 2**20
@@ -62,31 +68,17 @@ def server_process(tmp_path_factory):
     first so that it boots while the Ray cluster starts."""
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
-    log = open(folder / "server.log", "w")  # noqa: SIM115  # lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    yield proc, f"http://127.0.0.1:{port}", folder / "server.log"
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    proc = launch_mlflow_server(port, folder)
+    yield proc, port, folder
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")
 def server(server_process, cluster):
     """The server's URI, once it answers."""
-    proc, uri, log = server_process
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-            return uri
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+    proc, port, folder = server_process
+    wait_for_server(proc, port, folder, timeout_s=60)
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
