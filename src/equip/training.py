@@ -81,18 +81,16 @@ def train(
         cfg_hash = config_hash(cfg, images.fingerprint)
         key = cv_key(cfg, images.fingerprint)
         cv_tags, cv_metrics, epochs = {}, {}, None
+        split = _split(cfg, images)
         if cfg.final_fit:  # every image trains; the score is this config's CV estimate
             from equip.crossval import final_fit_plan
 
-            split = np.full(len(images.labels), "train")
             cv, epochs = final_fit_plan(cfg, exp_id, key)
             if cv is not None:
                 cv_tags[schema.CV_PARENT] = cv.parent_id
                 cv_metrics = {f"cv_mean_{cfg.registry.metric}": cv.mean,
                               "cv_folds": float(cv.folds)}  # fmt: skip
             cv_tags[schema.FINAL_FIT] = "true"
-        else:
-            split = split_for(images, d)
         resume_id = resume.find_run(cfg, exp_id, cfg_hash) if cfg.resume else None
         if job.in_sweep and job.resume and resume_id is None:
             twin = finished_twin(exp_id, job.parent_run_id, cfg_hash)
@@ -176,7 +174,7 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
     check_config(cfg)
     apply_fast_path(job.parallel_jobs * processes_per_node(cfg.trainer))
     images = load_images(cfg.data)
-    split = np.full(len(images.labels), "train") if cfg.final_fit else split_for(images, cfg.data)
+    split = _split(cfg, images)
     checkpoint = _checkpoint(cfg, Path(tempfile.gettempdir()))
     extra = list(callbacks)
     if job.in_sweep and job.median_stop is not None:  # takes part in rank 0's decision
@@ -186,6 +184,11 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
     trainer.fit(module, dm, ckpt_path=distributed.resume_checkpoint())
     distributed.leave_group()
     return {"run_id": None, "rank_zero": False, "metrics": {}}
+
+
+def _split(cfg: DictConfig, images: ImageSet) -> np.ndarray:
+    """A final fit trains on every image; any other run on the hold-out split or its fold."""
+    return np.full(len(images.labels), "train") if cfg.final_fit else split_for(images, cfg.data)
 
 
 def _checkpoint(cfg: DictConfig, dirpath: Path) -> ModelCheckpoint:
