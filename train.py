@@ -10,12 +10,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from equip.cli import one_line_errors, upgrade_argv
+from equip.train.cli import one_line_errors, upgrade_argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from equip.cli import run_training  # torch/lightning/mlflow load only when a job runs
+    from equip.train.cli import run_training  # torch/lightning/mlflow load only when a job runs
 
     return run_training(cfg)
 

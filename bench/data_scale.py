@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_file(cache: Path, per_class: int, size: int) -> Path:
-    from equip.data import PREPROCESS_VERSION
+    from equip.data.images import PREPROCESS_VERSION
 
     return cache / f"synthetic-v{PREPROCESS_VERSION}-{size}px-seed0-{per_class}pc.npy"
 
 
 def derive(cache: Path, big: int, small: int, size: int) -> None:
     """The per_class=small set, copied row by row out of the per_class=big one."""
-    from equip import imagestore
+    from equip.data import imagestore
 
     target = cache_file(cache, small, size)
     if imagestore.open_cached(target) is not None:
@@ -62,7 +62,7 @@ def child(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
 
 def draw(per_class: int, size: int, cache: Path, work: Path) -> tuple[float, float]:
     """Draw the built-in data set into `cache` in a child process: (seconds, peak RSS MiB)."""
-    code = ("from pathlib import Path; from equip.data import load_synthetic; "
+    code = ("from pathlib import Path; from equip.data.images import load_synthetic; "
             f"load_synthetic({per_class}, {size}, 0, Path({str(cache)!r}))")  # fmt: skip
     secs, rss, _ = child([sys.executable, "-c", code], work)
     return secs, rss
@@ -84,7 +84,7 @@ def main() -> None:
     big = sizes[-1] // 12
     s = args.image_size
 
-    from equip import imagestore
+    from equip.data import imagestore
 
     for n in args.draw or []:
         secs, rss = draw(n // 12, s, work / f"draw-{n}", work)

@@ -38,10 +38,10 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from equip.data import ImageSet
-    from equip.loaders import ImageDataModule
-    from equip.model import Classifier
-    from equip.synthetic import make_synthetic
+    from equip.data.images import ImageSet
+    from equip.data.loaders import ImageDataModule
+    from equip.data.synthetic import make_synthetic
+    from equip.model.cnn import Classifier
 
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)  # no per-fit banners

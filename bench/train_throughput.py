@@ -42,8 +42,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from equip.model import build_net
-    from equip.synthetic import make_synthetic
+    from equip.data.synthetic import make_synthetic
+    from equip.model.cnn import build_net
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with initialize_config_dir(os.path.join(root, "conf"), version_base="1.3"):
@@ -73,9 +73,9 @@ def main() -> None:
     import numpy as np
     import pytorch_lightning as pl
 
-    from equip.data import ImageSet
-    from equip.loaders import ImageDataModule
-    from equip.model import Classifier
+    from equip.data.images import ImageSet
+    from equip.data.loaders import ImageDataModule
+    from equip.model.cnn import Classifier
 
     data = ImageSet(x, y, [str(i) for i in range(12)], [], [], "bench")
     dm = ImageDataModule(data, np.array(["train"] * len(y)), cfg.data, seed=0)

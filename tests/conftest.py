@@ -121,7 +121,7 @@ def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
 def write_pngs(folder: Path, n: int) -> list[Path]:
     from PIL import Image
 
-    from equip.synthetic import make_synthetic
+    from equip.data.synthetic import make_synthetic
 
     images, _ = make_synthetic(1, 48, seed=5)
     folder.mkdir(parents=True, exist_ok=True)

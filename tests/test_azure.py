@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from equip.errors import EquipError
-from equip.store import azureml_uri
-from equip.training import train
+from equip.track.store import azureml_uri
+from equip.train.run import train
 from tests.conftest import make_cfg
 
 needs_azure = pytest.mark.skipif(

@@ -22,7 +22,7 @@ pytest.importorskip("azureml.mlflow")
 
 from azure.ai.ml import load_job  # noqa: E402
 
-from equip.azureml_jobs import pip_requirements  # noqa: E402
+from equip.launchers.azureml.jobs import pip_requirements  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 WORKSPACE = ["tracking=azureml", "tracking.subscription_id=00000000-0000-0000-0000-000000000000",
@@ -105,7 +105,8 @@ def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
         assert overrides["sweep"] == "architecture" and overrides["tracking"] == "azureml"
         assert not any(k.startswith("tracking.") for k in overrides)  # the injected URI is used
         assert overrides["multirun.continue_on_failure"] == "false"  # the launcher decides
-        assert overrides["+hydra.callbacks.azureml_job._target_"] == "equip.azureml_run.RemoteJob"
+        remote_job = "equip.launchers.azureml.run.RemoteJob"
+        assert overrides["+hydra.callbacks.azureml_job._target_"] == remote_job
         assert not any(k.startswith(("hydra/", "hydra.s")) for k in overrides)
         points.add(tuple(overrides[k] for k in ("model.filters", "model.kernel_sizes",
                                                  "model.hidden", "model.batch_norm")))  # fmt: skip
@@ -298,7 +299,7 @@ def launcher_for(store: str, *overrides: str):
     from omegaconf import OmegaConf
 
     import train as train_script
-    from equip.azureml_launch import AzureMLLauncher
+    from equip.launchers.azureml.launcher import AzureMLLauncher
 
     setup_globals()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -452,8 +453,8 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
     from hydra import compose, initialize_config_dir
     from mlflow import MlflowClient
 
-    from equip.azureml_run import SubmitRun
-    from equip.azureml_service import JobService
+    from equip.launchers.azureml.run import SubmitRun
+    from equip.launchers.azureml.service import JobService
     from tests.conftest import TINY
 
     code = project_copy(tmp_path)
@@ -467,7 +468,7 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
     jobs = JobService(cfg.tracking, "cpu-cluster", "launch")
     jobs.client = service
     monkeypatch.setattr(SubmitRun, "service", lambda self, config, settings: jobs)
-    monkeypatch.setattr("equip.store.resolve_uri", lambda tracking: store)
+    monkeypatch.setattr("equip.track.store.resolve_uri", lambda tracking: store)
     with pytest.raises(SystemExit) as done:
         SubmitRun().on_run_start(cfg)
     assert done.value.code == 0

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from equip.data import load_folder, load_images, preprocess, scan_folder
+from equip.data.images import load_folder, load_images, preprocess, scan_folder
+from equip.data.split import split_images
 from equip.errors import EquipError
-from equip.split import split_images
 from tests.conftest import GEAR, make_cfg
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from equip.training import train
+from equip.train.run import train
 from tests.conftest import (
     FAST,
     ROOT,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from equip.checks import check_model
+from equip.config.checks import check_model
 from equip.errors import EquipError
-from equip.model import Classifier, build_net, mflops_per_image
+from equip.model.cnn import Classifier, build_net, mflops_per_image
 from tests.conftest import make_cfg
 
 
@@ -78,7 +78,7 @@ def test_checkpointable_module_rebuilds_from_its_hyperparameters(tmp_path):
 
 
 def test_unknown_monitor_is_refused():
-    from equip.checks import check_trainer
+    from equip.config.checks import check_trainer
 
     with pytest.raises(EquipError, match="trainer.monitor='val_f1' is not one of"):
         check_trainer(make_cfg("trainer.monitor=val_f1").trainer)

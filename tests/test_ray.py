@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from mlflow import MlflowClient  # noqa: E402
 
-from equip import ray_launch  # noqa: E402
+from equip.launchers.ray import launcher as ray_launch  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ROOT,
     TINY,

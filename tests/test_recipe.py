@@ -9,9 +9,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from equip.data import load_images
+from equip.data.images import load_images
+from equip.data.split import fold_split, split_groups
 from equip.errors import EquipError
-from equip.split import fold_split, split_groups
 from tests.conftest import make_cfg, parent_and_children, sweep
 
 
@@ -50,7 +50,7 @@ def test_cv_folds_are_disjoint_cover_every_image_keep_groups_and_are_stratified(
 
 
 def test_cv_settings_are_checked():
-    from equip.checks import check_config
+    from equip.config.checks import check_config
 
     with pytest.raises(EquipError, match=r"data.fold=5 must be in \[0, 4\]"):
         check_config(make_cfg("data.folds=5", "data.fold=5"))
@@ -101,7 +101,7 @@ def write_arrows(root, per_class: int = 24, size: int = 40, seed: int = 0) -> No
 
 
 def test_asymmetric_symbols_are_not_flipped_by_default(tmp_path):
-    from equip.loaders import build_augment
+    from equip.data.loaders import build_augment
 
     write_arrows(tmp_path / "arrows", per_class=2)
     cfg = make_cfg("data=folder", f"data.root={tmp_path / 'arrows'}", tiny=False)
@@ -114,7 +114,7 @@ def test_asymmetric_symbols_are_not_flipped_by_default(tmp_path):
 
 
 def test_default_cnn_does_not_lose_to_the_default_baseline_on_symbols(store: str, tmp_path):
-    from equip.training import train
+    from equip.train.run import train
 
     write_arrows(tmp_path / "arrows")
     data = ["data=folder", f"data.root={tmp_path / 'arrows'}", "data.image_size=32",
@@ -134,8 +134,8 @@ def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from equip.synthetic import CLASSES
-    from equip.training import train
+    from equip.data.synthetic import CLASSES
+    from equip.train.run import train
     from tests.conftest import write_pngs
 
     result = train(make_cfg("model=baseline"))
@@ -151,8 +151,8 @@ def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
     assert out["class"].isin(CLASSES).all() and len(out) == 3
     assert np.allclose(out.filter(like="p_").sum(1), 1, atol=1e-5)
     assert (out["probability"] == out.filter(like="p_").max(1)).all()
-    # The same files through equip.predict (it sends them as base64), by run id.
-    from equip.predict import load_predictor, predict_files
+    # The same files through equip.serve.predict (it sends them as base64), by run id.
+    from equip.serve.predict import load_predictor, predict_files
 
     again = predict_files(load_predictor(result["run_id"]), files)
     assert (again["class"] == out["class"]).all()
@@ -168,7 +168,7 @@ RECIPE = ["model.filters=[8,16]", "model.convs_per_block=2", "model.residual=tru
 def _val_probs(result: dict) -> torch.Tensor:
     from mlflow.artifacts import download_artifacts
 
-    from equip.model import Classifier
+    from equip.model.cnn import Classifier
 
     ckpt = download_artifacts(run_id=result["run_id"], artifact_path="checkpoints/best.ckpt")
     model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
@@ -178,7 +178,7 @@ def _val_probs(result: dict) -> torch.Tensor:
 
 
 def test_recipe_trains_from_yaml_keys_and_tta_ema_change_predictions_deterministically(store):
-    from equip.training import train
+    from equip.train.run import train
 
     plain = train(make_cfg(*RECIPE))
     again = train(make_cfg(*RECIPE))
@@ -192,7 +192,7 @@ def test_recipe_trains_from_yaml_keys_and_tta_ema_change_predictions_determinist
     # TTA is the mean of the image's and its mirror's probabilities, from the same weights.
     from mlflow.artifacts import download_artifacts
 
-    from equip.model import Classifier
+    from equip.model.cnn import Classifier
 
     ckpt = download_artifacts(run_id=tta["run_id"], artifact_path="checkpoints/best.ckpt")
     model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
@@ -204,7 +204,7 @@ def test_recipe_trains_from_yaml_keys_and_tta_ema_change_predictions_determinist
 
 def test_precision_auto_trains_in_bf16_only_where_the_hardware_runs_it(store: str):
     from equip.runtime import resolve_precision
-    from equip.training import train
+    from equip.train.run import train
 
     amx = torch.cpu._is_amx_tile_supported()
     assert resolve_precision("auto", "cpu") == ("bf16-mixed" if amx else "32-true")
@@ -217,7 +217,7 @@ def test_precision_auto_trains_in_bf16_only_where_the_hardware_runs_it(store: st
 
 
 def test_keep_last_makes_the_last_epoch_the_model_and_its_score(store: str):
-    from equip.training import train
+    from equip.train.run import train
 
     runs = {keep: train(make_cfg(f"trainer.keep={keep}", *CV_DATA[:2], *GOOD_CNN,
                                  "trainer.max_epochs=4", "tracking.log_model=false"))
@@ -232,7 +232,7 @@ def test_keep_last_makes_the_last_epoch_the_model_and_its_score(store: str):
 
 
 def test_recipe_keys_are_checked():
-    from equip.checks import check_config
+    from equip.config.checks import check_config
 
     for override, message in (
         ("model.convs_per_block=0", "model.convs_per_block=0 must be"),
@@ -261,7 +261,7 @@ WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_est
 
 
 def test_search_literals_find_values_with_backslashes_and_quotes(store: str):
-    from equip.schema import literal
+    from equip.track.schema import literal
 
     client = MlflowClient(store)
     exp = client.create_experiment("literals")
@@ -274,14 +274,14 @@ def test_search_literals_find_values_with_backslashes_and_quotes(store: str):
 
 def _cv(*overrides: str) -> tuple[str, list[dict]]:
     """A CV sweep run in-process: a parent run and one child per fold, as sweep=cv makes."""
-    from equip.job import JobContext
-    from equip.leaderboard import summarize
-    from equip.training import train
+    from equip.sweep.job import JobContext
+    from equip.sweep.leaderboard import summarize
+    from equip.train.run import train
 
     make_cfg()  # hydra composes before the store is touched
     import mlflow
 
-    from equip.store import connect, experiment_id
+    from equip.track.store import connect, experiment_id
 
     connect(make_cfg().tracking)
     client = MlflowClient()
@@ -302,7 +302,7 @@ def _cv(*overrides: str) -> tuple[str, list[dict]]:
 
 @pytest.mark.slow
 def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(store: str):
-    from equip.training import train
+    from equip.train.run import train
 
     pid, folds = _cv(*GOOD_CNN, "tracking.log_model=false")
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
@@ -321,7 +321,7 @@ def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(store: st
 
 @pytest.mark.slow
 def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
-    from equip.training import train
+    from equip.train.run import train
 
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
     register = ["final_fit=true", "registry.enabled=true", "registry.gate=cv",
@@ -338,7 +338,7 @@ def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
     mv = MlflowClient(store).get_model_version_by_alias("gear", "champion")
     assert mv.tags["equip.cv_parent_run_id"] == cnn_parent and mv.tags["equip.gate"] == "cv"
     assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
-    from equip.checks import check_config
+    from equip.config.checks import check_config
 
     with pytest.raises(EquipError, match="final_fit=true has no validation score"):
         check_config(make_cfg("final_fit=true", "registry.enabled=true"))

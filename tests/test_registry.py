@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from equip.synthetic import CLASSES
-from equip.training import train
+from equip.data.synthetic import CLASSES
+from equip.train.run import train
 from tests.conftest import GEAR, free_port, make_cfg, write_pngs
 
 # Data on which a CNN learns something in seconds; the same for every run of this module.
@@ -101,7 +101,7 @@ def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
     result = run(*GOOD_CNN)
     from PIL import Image
 
-    from equip.synthetic import make_synthetic
+    from equip.data.synthetic import make_synthetic
 
     images, labels = make_synthetic(2, 64, seed=9)
     for i, (im, y) in enumerate(zip(images, labels, strict=True)):

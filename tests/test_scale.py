@@ -54,7 +54,7 @@ def _only_run(tmp_path: Path):
     ],
 )
 def test_scaling_knobs_fail_with_one_clear_line(override: str, says: str):
-    from equip.checks import check_config, check_hardware
+    from equip.config.checks import check_config, check_hardware
 
     pytest.importorskip("torch")
     import torch
@@ -83,7 +83,7 @@ def test_cli_says_no_gpu_and_too_many_devices_in_one_line(tmp_path: Path):
 
 
 def test_decoded_size_is_checked_before_anything_is_drawn(tmp_path: Path):
-    from equip.data import load_synthetic
+    from equip.data.images import load_synthetic
 
     with pytest.raises(EquipError, match=r"data.per_class=100000 with data.image_size=1024"):
         load_synthetic(100_000, 1024, 0, tmp_path / "cache")
@@ -95,7 +95,7 @@ KILL_AFTER_EPOCH = textwrap.dedent(
     """
     import os, signal, sys
     import pytorch_lightning as pl
-    from equip.training import train
+    from equip.train.run import train
     from tests.conftest import make_cfg
 
     class Kill(pl.Callback):  # after the epoch's metrics and last.ckpt are written
@@ -146,8 +146,8 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp
     import numpy as np
     import torch
 
-    from equip.data import load_images
-    from equip.model import Classifier
+    from equip.data.images import load_images
+    from equip.model.cnn import Classifier
 
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
     proc = _cli(*ddp, cwd=tmp_path)
@@ -206,8 +206,9 @@ def test_the_built_in_set_is_drawn_once_into_the_disk_cache_and_streamed(tmp_pat
 
     import torch
 
-    from equip import data, imagestore
-    from equip.imagestore import DiskImages
+    from equip.data import images as data
+    from equip.data import imagestore
+    from equip.data.imagestore import DiskImages
 
     cache = tmp_path / "cache"
     cfg = make_cfg(f"data.cache_dir={cache}", "data.ram_budget_mb=0")
@@ -247,8 +248,8 @@ def _big_cache(cache: Path, per_class: int, size: int) -> int:
     them all would take minutes). Returns its decoded bytes."""
     import hashlib
 
-    from equip import imagestore
-    from equip.data import load_synthetic, synthetic_cache_file
+    from equip.data import imagestore
+    from equip.data.images import load_synthetic, synthetic_cache_file
 
     few = load_synthetic(4, size, 0).images.numpy()
     n = per_class * 12
@@ -334,8 +335,8 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
 def test_photos_become_one_cached_set_that_streams_past_the_ram_budget(tmp_path: Path):
     import torch
 
-    from equip.data import load_folder
-    from equip.imagestore import DiskImages
+    from equip.data.images import load_folder
+    from equip.data.imagestore import DiskImages
     from tests.conftest import write_pngs
 
     for c in ("a", "b"):

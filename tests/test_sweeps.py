@@ -34,7 +34,7 @@ def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path):
     assert "rank" in proc.stdout and "filters=8-16 lr=0.01" in proc.stdout
 
     report = subprocess.run(
-        [sys.executable, "-m", "equip.sweeps", "report", "latest"],
+        [sys.executable, "-m", "equip.leaderboard", "latest"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )  # fmt: skip

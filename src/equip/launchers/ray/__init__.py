@@ -1,0 +1,1 @@
+"""hydra/launcher=ray: sweep jobs as Ray tasks on a cluster."""

@@ -1,0 +1,132 @@
+"""Classify photos with a trained model:
+
+    python -m equip.predict model=models:/equip-gear@champion images=PATH [output=predictions.csv]
+
+`model` is a registered model URI (models:/NAME@ALIAS, models:/NAME/VERSION), a run (runs:/ID/model
+or just the run id) or a local Lightning checkpoint (.ckpt). `images` is a file or a folder; when
+the folder is a class-per-folder tree whose names are the model's classes, accuracy is printed.
+Options are key=value pairs (OmegaConf dotlist), like train.py's overrides.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from equip.errors import EquipError
+
+DEFAULTS = {"model": "???", "images": "???", "output": "predictions.csv", "tracking_uri": None,
+            "show": 30}  # fmt: skip
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def find_images(path: Path) -> list[Path]:
+    from equip.data.images import IMAGE_SUFFIXES
+
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise EquipError(f"images={path} does not exist; give an image file or a folder.")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EquipError(
+            f"images={path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})."
+        )
+    return files
+
+
+def load_predictor(model: str):
+    """A callable DataFrame(image=base64) -> DataFrame(class, probability, p_*)."""
+    if model.endswith(".ckpt"):
+        from equip.model.cnn import Classifier
+        from equip.serve.pyfunc import classify, read_image_value
+
+        if not Path(model).is_file():
+            raise EquipError(f"model={model}: no such checkpoint file.")
+        clf = Classifier.load_from_checkpoint(model, map_location="cpu").eval()
+        return lambda df: classify(clf, [read_image_value(v, i) for i, v in enumerate(df.image)])
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    uri = f"runs:/{model}/model" if RUN_ID.match(model) else model
+    try:
+        return mlflow.pyfunc.load_model(uri).predict
+    except (MlflowException, OSError) as e:
+        raise EquipError(f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
+                         f"{str(e).splitlines()[0]}") from None  # fmt: skip
+
+
+def predict_files(predict, files: list[Path], chunk: int = 256):
+    """Send the files as base64 (as a client of a served model would), a chunk at a time; an
+    image that cannot be classified is named by its file."""
+    import base64
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    parts = []
+    for start in range(0, len(files), chunk):
+        batch = files[start : start + chunk]
+        images = [base64.b64encode(f.read_bytes()).decode() for f in batch]
+        try:
+            parts.append(predict(pd.DataFrame({"image": images})))
+        except (ValueError, MlflowException) as e:  # serving numbers the rows of the request
+            message = getattr(e, "message", str(e))
+            index = re.search(r"(?:image|row) (\d+)", message)
+            where = f"{batch[int(index.group(1))]}: " if index else ""
+            raise EquipError(f"{where}{message}; remove or replace that file.") from None
+    return pd.concat(parts, ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(args))
+        missing = [k for k in ("model", "images") if OmegaConf.is_missing(cfg, k)]
+        if missing:
+            raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
+        import mlflow
+
+        from equip.track.store import default_uri
+
+        mlflow.set_tracking_uri(cfg.tracking_uri or default_uri())
+        root = Path(cfg.images)
+        files = find_images(root)
+        predict = load_predictor(str(cfg.model))
+        out = predict_files(predict, files)
+    except EquipError as e:
+        console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
+        return 2
+    out.insert(0, "file", [str(f) for f in files])
+    classes = [c.removeprefix("p_") for c in out.columns if c.startswith("p_")]
+    if root.is_dir() and all(f.parent.name in classes for f in files):
+        out.insert(1, "true_class", [f.parent.name for f in files])
+    out.to_csv(cfg.output, index=False)
+
+    table = Table(title=f"{len(out)} image(s), model {cfg.model}")
+    cols = ["file", *(["true_class"] if "true_class" in out else []), "class", "probability"]
+    for c in cols:
+        table.add_column(c, justify="right" if c == "probability" else "left")
+    for _, row in out.head(cfg.show).iterrows():
+        table.add_row(*[f"{row[c]:.3f}" if c == "probability" else str(row[c]) for c in cols])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if len(out) > cfg.show:
+        print(f"... {len(out) - cfg.show} more in {cfg.output}")
+    if "true_class" in out:
+        acc = (out["true_class"] == out["class"]).mean()
+        print(f"accuracy: {acc:.4f} ({(out['true_class'] == out['class']).sum()}/{len(out)})")
+    print(f"predictions written to {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

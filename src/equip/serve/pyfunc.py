@@ -1,0 +1,169 @@
+"""The model as users get it back: an MLflow pyfunc that takes raw images, not tensors.
+
+Input: a DataFrame with an `image` column of base64-encoded image bytes (file paths only where
+allowed, see below). The training preprocessing (equip.data.images) is applied, so a photo
+goes in as it is. Output: `class`, `probability`, and one `p_<class>` column per class.
+
+A served model must not read its server's disk for a client: file paths are refused unless an
+image root is set through MLflow's model config (`model_config={"image_root": "/folder"}` at
+load time, or MLFLOW_PYFUNC_INFERENCE_CONFIG='{"image_root": "/folder"}' for `mlflow models
+serve`), and then only paths under it are read.
+Requests are bounded (rows, bytes, pixels) and every refusal is one line with no server detail.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+IMAGE_COLUMN = "image"
+MAX_ROWS = 512  # images per request
+MAX_IMAGE_BYTES = 20 * 2**20  # one encoded image
+MAX_PIXELS = 40_000_000  # one decoded image (width x height): a 40 MP photo, not a PNG bomb
+
+
+class BadImageInput(ValueError):
+    """A client's mistake: answered as one line (HTTP 400 when served), no server detail."""
+
+
+def read_image_value(value: Any, row: int, image_root: str | None = None) -> bytes:
+    """Base64 text (or raw bytes; or a path under `image_root`) -> the image file's bytes."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    text = str(value)
+    if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise BadImageInput(f"row {row}: image larger than {MAX_IMAGE_BYTES // 2**20} MB")
+    if image_root and len(text) < 4096:
+        path, root = Path(text).resolve(), Path(image_root).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            return path.read_bytes()
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        where = " nor a file under the allowed image root" if image_root else (
+            " (file paths are off for this model)")  # fmt: skip
+        raise BadImageInput(f"row {row}: not base64-encoded image bytes{where}") from None
+
+
+def decode_images(raw_images: Sequence[bytes], image_size: int) -> np.ndarray:
+    """Encoded images -> (N, 3, S, S) uint8, preprocessed exactly as in training; the pixel
+    bound is checked from each header before anything is decoded."""
+    from PIL import Image
+
+    from equip.data.images import preprocess
+
+    arrays = []
+    for i, raw in enumerate(raw_images):
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadImageInput(f"image {i} has {img.width}x{img.height} pixels; at most "
+                                        f"{MAX_PIXELS // 10**6} MP are accepted")  # fmt: skip
+                img.load()
+                arrays.append(preprocess(img, image_size))
+        except BadImageInput:
+            raise
+        except Exception as e:
+            raise BadImageInput(f"image {i} could not be decoded as an image "
+                                f"({type(e).__name__})") from None  # fmt: skip
+    return np.stack(arrays) if arrays else np.zeros((0, 3, image_size, image_size), np.uint8)
+
+
+def as_frame(classes: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
+    """The output contract of every equip model: class, probability, p_<class>."""
+    out = pd.DataFrame({
+        "class": [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else [],
+        "probability": probs.max(1).astype(np.float64) if len(probs) else [],
+    })  # fmt: skip
+    for j, name in enumerate(classes):
+        out[f"p_{name}"] = probs[:, j].astype(np.float64)
+    return out
+
+
+def classify(model, raw_images: Sequence[bytes], batch_size: int = 64) -> pd.DataFrame:
+    """Decode and preprocess exactly as in training, then classify. `model` is a Classifier."""
+    import torch
+
+    x = torch.from_numpy(decode_images(raw_images, model.image_size))
+    with torch.inference_mode():
+        probs = [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+    return as_frame(model.classes, torch.cat(probs).numpy() if probs else
+                    np.zeros((0, len(model.classes)), np.float32))  # fmt: skip
+
+
+def read_images(model_input: pd.DataFrame, image_root: str | None) -> list[bytes]:
+    """The request's images, checked for shape and size before anything is decoded."""
+    if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+        raise BadImageInput(f"the input needs a column {IMAGE_COLUMN!r} of base64-encoded images")
+    values = model_input[IMAGE_COLUMN].tolist()
+    if len(values) > MAX_ROWS:
+        raise BadImageInput(f"{len(values)} images in one request; send at most {MAX_ROWS}")
+    return [read_image_value(v, i, image_root) for i, v in enumerate(values)]
+
+
+def as_client_error(error: BadImageInput) -> Exception:
+    """MLflow's scoring server answers an MlflowException with its message and a 400, without
+    the server's traceback (any other exception is answered with the traceback)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE)
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from equip.model.cnn import Classifier
+
+        path = context.artifacts["checkpoint"]
+        self.model = Classifier.load_from_checkpoint(path, map_location="cpu").eval()
+        self.image_root = (context.model_config or {}).get("image_root") or None
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        try:
+            return classify(self.model, read_images(model_input, self.image_root))
+        except BadImageInput as e:
+            raise as_client_error(e) from None
+
+
+def _requirements() -> list[str]:
+    """Pinned to what trained the model; inferring them would re-import the model (slow)."""
+    names = ["mlflow", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "pillow",
+             "numpy", "pandas", "omegaconf"]  # fmt: skip
+    return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
+    """Log the checkpoint as the run's `model` (a pyfunc); returns its model URI."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    import equip
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
+                        *[ColSpec("double", f"p_{c}") for c in classes]]),
+    )  # fmt: skip
+    # No input_example: it would need a real photo, and MLflow warns about its absence.
+    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ImageClassifierModel(),
+        artifacts={"checkpoint": checkpoint},
+        code_paths=[str(Path(equip.__file__).parent)],  # the model loads without equip installed
+        signature=signature,
+        pip_requirements=_requirements(),
+        metadata={"classes": classes, "image_size": image_size},
+        model_config={"image_root": ""},  # declared, so a load or a server can set it
+    )
+    return info.model_uri

@@ -1,0 +1,209 @@
+"""The sweep callback: one MLflow parent run per Hydra multirun, validated before any job.
+
+Hydra runs the sweep (basic or Optuna sweeper; in-process, joblib, Ray or Azure ML launcher).
+`SweepTracker`, a Hydra callback, adds what Hydra and MLflow lack between them: the whole grid
+validated before the first job, a parent run created (or reused on resume) and exported to the
+jobs (equip.sweep.job), and the leaderboard at the end (equip.sweep.leaderboard).
+
+    python -m equip.sweep.callback report [PARENT_RUN_ID|latest]   # = python -m equip.leaderboard
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+
+from equip.errors import EquipError
+from equip.sweep import job
+from equip.track import record as tracking
+from equip.track import schema, store
+from equip.track.redaction import redact_overrides, strip_secrets
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
+SWEEP_FN = re.compile(r"^\s*(choice|range|interval|glob|tag)\(")  # Hydra's sweep functions
+
+
+# ---------------------------------------------------------------- what a sweep is
+def sweep_arguments(config: DictConfig) -> list[str]:
+    """The sweeper's params (from a sweeps/ file) and the command line's overrides."""
+    params = config.hydra.sweeper.get("params") or {}
+    return [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    keys = [str(k) for k in config.hydra.sweeper.get("params") or {}]
+    for o in config.hydra.overrides.task:
+        key, _, value = o.partition("=")
+        if ("," in value and not value.startswith("[")) or "],[" in value or SWEEP_FN.match(value):
+            keys.append(key.lstrip("+~"))
+    return list(dict.fromkeys(keys))
+
+
+def sweep_key(config: DictConfig) -> str:
+    """Identity of a sweep: the same command again (bar tracking/launch settings) resumes it."""
+    args = sorted(a for a in sweep_arguments(config) if schema.is_identity_key(a.split("=")[0]))
+    text = "\n".join([config.tracking.experiment, *args])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sweep_name(config: DictConfig, keys: list[str]) -> str:
+    """'sweep smoke', or the swept values: 'sweep filters=[32,64],[32,64,128]'."""
+    task = list(config.hydra.overrides.task)
+    chosen = [o.split("=", 1)[1] for o in task if o.startswith("sweep=")]
+    swept = [o.split("=", 1) for o in job.swept_overrides(task, keys)]
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in swept]
+    return " ".join(["sweep", *chosen[:1], *parts])[: schema.MAX_RUN_NAME]
+
+
+def sweep_points(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides, in the order of Hydra's basic sweeper (a cartesian product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for o in OverridesParser.create().parse_overrides(sweep_arguments(config)):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def invalid_points(config: DictConfig) -> list[tuple[list[str], str]]:
+    """(overrides, reason) for every grid point that would fail its checks."""
+    from hydra import compose
+
+    from equip.config.checks import check_config
+
+    bad = []
+    for point in sweep_points(config):
+        try:
+            check_config(compose(config.hydra.job.config_name, overrides=point))
+        except Exception as e:  # composition errors (bad key, bad value type) count too
+            bad.append((point, str(e).splitlines()[0]))
+    return bad
+
+
+# ---------------------------------------------------------------- the callback
+class SweepTracker(Callback):
+    """Parent run, validation, resume and summary for every `-m` run of train.py."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow import MlflowClient
+
+        sweeper = str(config.hydra.sweeper._target_)
+        if sweeper.endswith("BasicSweeper"):
+            bad = invalid_points(config)
+            if bad:
+                console.print(f"[bold red]equip: error:[/] {len(bad)} sweep point(s) are invalid;"
+                              " nothing was trained. Fix or remove them:")  # fmt: skip
+                for point, why in bad:
+                    console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
+                raise SystemExit(2)
+        if config.hydra.launcher.get("dry_run"):  # a launcher that only writes job files:
+            job.export_sweep(job.DRY_RUN_PARENT, swept_keys(config))  # no store, no parent run
+            return
+        try:
+            store.connect(config.tracking)
+        except EquipError as e:
+            console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
+            raise SystemExit(2) from None
+        exp_id = store.experiment_id(config.tracking)
+        client = MlflowClient()
+        key, keys = sweep_key(config), swept_keys(config)
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        self.started = time.time()
+        previous = client.search_runs(
+            [exp_id], schema.sweep_parents(key), order_by=["attributes.start_time DESC"]
+        )
+        if config.multirun.resume and previous:
+            self.parent_id = previous[0].info.run_id
+            client.update_run(self.parent_id, status="RUNNING")
+            for k, v in store.process_tags().items():  # this process runs it now
+                client.set_tag(self.parent_id, k, v)
+            # Jobs still RUNNING were cut off with the sweep (a killed process cannot say so).
+            for run in client.search_runs([exp_id], schema.children_of(self.parent_id, "RUNNING")):
+                client.set_tag(run.info.run_id, schema.ERROR, "interrupted; rerun on resume")
+                client.set_terminated(run.info.run_id, "KILLED")
+            console.print(f"resuming sweep {previous[0].info.run_name!r} ({self.parent_id}): "
+                          "jobs that already finished are skipped", highlight=False)  # fmt: skip
+        else:
+            overrides = redact_overrides(
+                o for o in config.hydra.overrides.task if schema.is_identity_key(o.split("=")[0])
+            )
+            run = client.create_run(
+                exp_id,
+                run_name=sweep_name(config, keys),
+                tags={
+                    schema.SWEEP_KEY: key,
+                    schema.SWEEP_DIR: sweep_dir,
+                    schema.SWEEP_OVERRIDES: schema.truncate(" ".join(overrides)),
+                    schema.SWEPT_KEYS: ",".join(keys),
+                    schema.SWEEPER: sweeper,
+                    schema.LAUNCHER: str(config.hydra.launcher._target_),
+                    schema.MONITOR: str(config.trainer.monitor),
+                    schema.MONITOR_MODE: schema.monitor_mode(config.trainer.monitor),
+                    **store.process_tags(),
+                    **tracking.git_tags(Path(__file__).parent),
+                },
+            )
+            self.parent_id = run.info.run_id
+        client.set_tag(self.parent_id, schema.LAST_SWEEP_DIR, sweep_dir)
+        job.export_sweep(self.parent_id, keys)
+        # Hydra skips on_multirun_end when a sweep aborts (Ctrl-C, a job raising with
+        # continue_on_failure=false): end the parent anyway, with what its children have.
+        atexit.register(self._end_if_aborted)
+
+    def _end_if_aborted(self) -> None:
+        if self.parent_id is None:
+            return
+        import mlflow
+        from mlflow import MlflowClient
+
+        from equip.sweep.leaderboard import summarize
+
+        parent_id, self.parent_id = self.parent_id, None
+        if store.store_is_down(mlflow.get_tracking_uri()):
+            return  # the next run of the same command resumes it (and marks it meanwhile)
+        try:
+            summarize(parent_id, since=self.started)
+            client = MlflowClient()
+            client.set_tag(parent_id, schema.ERROR, "the sweep stopped before its last job")
+            client.set_terminated(parent_id, "KILLED")
+        except Exception as e:
+            log.warning("could not end the aborted sweep's parent run: %s", strip_secrets(str(e)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None:
+            return
+        from mlflow import MlflowClient
+
+        from equip.sweep.leaderboard import print_board, summarize
+
+        parent_id, self.parent_id = self.parent_id, None  # the atexit hook has nothing to do
+        try:
+            board = summarize(parent_id, since=self.started)
+        finally:
+            MlflowClient().set_terminated(parent_id, "FINISHED")
+        print_board(board)
+        uri = store.resolve_uri(config.tracking)
+        exp = MlflowClient().get_run(parent_id).info.experiment_id
+        console.print(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+        job.clear_sweep()
+

@@ -1,0 +1,113 @@
+"""Cross-validation results read back from MLflow: a config's CV sweep, its folds' scores, the
+baseline's CV on the same folds, and the paired fold-by-fold comparison of the two.
+
+A CV sweep (sweep=cv, or data.fold=0,...,k-1 with data.folds=k) is one parent run with one
+child per fold; every run carries the config's CV key (equip.sweep.job.cv_key), so the final fit of
+a config (final_fit=true) finds the estimate made for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from equip.track import schema
+
+
+@dataclass(frozen=True)
+class CvResult:
+    parent_id: str
+    scores: dict[int, float]  # fold -> metric of the fold's selected model
+    best_epochs: dict[int, float]  # fold -> its selected epoch (0-based), CNN runs only
+    folds: int
+    split_seed: str
+    group_pattern: str
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores.values()) / len(self.scores)
+
+
+def _fold_runs(client, experiment_id: str, where: str) -> dict[str, list]:
+    """FINISHED fold runs matching `where`, grouped by their sweep's parent run id."""
+    runs = client.search_runs(
+        [experiment_id], f"{where} and params.`data.folds` != 'null' and "
+        "attributes.status = 'FINISHED'", max_results=5000,
+    )  # fmt: skip
+    by_parent: dict[str, list] = {}
+    for r in runs:
+        parent = r.data.tags.get(schema.PARENT)
+        if parent:
+            by_parent.setdefault(parent, []).append(r)
+    return by_parent
+
+
+def _result(parent_id: str, runs: list, metric: str) -> CvResult | None:
+    """The CV a sweep's fold runs make up, if they cover every fold once."""
+    p = runs[0].data.params
+    folds = int(p["data.folds"])
+    scores = {int(r.data.params["data.fold"]): r.data.metrics.get(metric) for r in runs}
+    if sorted(scores) != list(range(folds)) or any(v is None for v in scores.values()):
+        return None
+    epochs = {int(r.data.params["data.fold"]): r.data.metrics["best_epoch"]
+              for r in runs if "best_epoch" in r.data.metrics}  # fmt: skip
+    return CvResult(parent_id, scores, epochs, folds, p["data.split_seed"],
+                    p.get("data.group_pattern", "null"))  # fmt: skip
+
+
+def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult | None:
+    """The newest complete CV sweep of the config with this CV key."""
+    found = []
+    where = f"tags.`{schema.CV_KEY}` = {schema.literal(cv_key)}"
+    for parent, runs in _fold_runs(client, experiment_id, where).items():
+        result = _result(parent, runs, metric)
+        if result is not None:
+            found.append((max(r.info.start_time for r in runs), result))
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def baseline_cv(client, experiment_id: str, fingerprint: str, like: CvResult,
+                metric: str) -> CvResult | None:  # fmt: skip
+    """The strongest complete baseline CV on the same data and the same folds as `like`."""
+    where = (f"params.`model.name` = 'baseline' and "
+             f"tags.`{schema.DATA_FINGERPRINT}` = {schema.literal(fingerprint)} and "
+             f"params.`data.folds` = '{like.folds}' and "
+             f"params.`data.split_seed` = {schema.literal(like.split_seed)} and "
+             f"params.`data.group_pattern` = {schema.literal(like.group_pattern)}")  # fmt: skip
+    results = [_result(parent, runs, metric)
+               for parent, runs in _fold_runs(client, experiment_id, where).items()]  # fmt: skip
+    results = [r for r in results if r is not None]
+    return max(results, key=lambda r: r.mean) if results else None
+
+
+def paired_difference(model: CvResult, baseline: CvResult) -> dict[str, float]:
+    """Mean fold-by-fold difference (model - baseline), its standard error, the fold count."""
+    diffs = [model.scores[k] - baseline.scores[k] for k in sorted(model.scores)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    return {"mean_diff": mean, "se": sd / math.sqrt(n), "folds": float(n)}
+
+
+def final_fit_epochs(cv: CvResult | None, cfg: DictConfig) -> int:
+    """Epochs for a final fit: the folds' mean selected epoch, else trainer.max_epochs."""
+    if cv is None or not cv.best_epochs:
+        return int(cfg.trainer.max_epochs)
+    return max(1, round(sum(cv.best_epochs.values()) / len(cv.best_epochs)) + 1)
+
+
+def final_fit_plan(cfg: DictConfig, experiment_id: str, key: str) -> tuple[CvResult | None, int]:
+    """(the config's CV sweep or None, epochs to train): the epochs the folds selected."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    cv = config_cv(MlflowClient(), experiment_id, key, cfg.registry.metric)
+    if cv is None:
+        logging.getLogger(__name__).warning(
+            "final fit: no complete CV sweep of this config on this data (run `python train.py "
+            "-m sweep=cv` with the same overrides): training trainer.max_epochs=%s epochs, no "
+            "score", cfg.trainer.max_epochs)  # fmt: skip
+    return cv, final_fit_epochs(cv, cfg)

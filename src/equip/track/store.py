@@ -1,0 +1,325 @@
+"""Where runs go: the MLflow store, checked before any work, with bounded retries when it
+goes away, and runs of crashed processes marked KILLED by the next command that opens it.
+
+    sqlite:///mlflow.db (default), http(s)://HOST:PORT (an mlflow server), azureml://… (a
+    workspace; tracking=azureml), or any other URI MLflow knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from equip.errors import EquipError, StoreUnavailable
+from equip.track import schema
+from equip.track.redaction import strip_secrets
+
+log = logging.getLogger(__name__)
+
+# The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
+# environment (it does, for child processes): later runs in this process must not mistake it.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+SCHEMES = ("sqlite", "http", "https", "file", "azureml", "databricks", "postgresql", "mysql",
+           "mssql")  # fmt: skip
+
+
+def resolve_uri(tracking: DictConfig) -> str:
+    """MLFLOW_TRACKING_URI wins (Azure ML jobs inject it); a relative sqlite path is made absolute
+    against the launch directory so every job of a sweep writes to the same store."""
+    uri = USER_TRACKING_URI or tracking.uri
+    if not uri and tracking.get("kind") == "azureml":
+        uri = azureml_uri(tracking)
+    uri = str(uri or "")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def default_uri() -> str:
+    """For commands without a config (report, predict): the environment's store, else the
+    default local one in this folder, as train.py would use."""
+    return resolve_uri(OmegaConf.create({"uri": "sqlite:///mlflow.db"}))
+
+
+def _where(uri: str) -> str:
+    """Which setting the URI came from, for messages."""
+    return "MLFLOW_TRACKING_URI" if USER_TRACKING_URI else "tracking.uri"
+
+
+def connect(tracking: DictConfig) -> str:
+    """Point MLflow at the store, checked first (see check_store)."""
+    import mlflow
+
+    uri = check_store(tracking)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_store(tracking: DictConfig) -> str:
+    """Fail in seconds, with a fix, when the store cannot be used (no mlflow import: cheap).
+    Returns the URI without credentials (they travel in MLflow's environment variables)."""
+    uri = resolve_uri(tracking)
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if not uri:
+        raise EquipError("tracking.uri is empty: use sqlite:///mlflow.db, http://HOST:PORT or "
+                         "tracking=azureml.")  # fmt: skip
+    if scheme and scheme not in SCHEMES and len(scheme) > 1:  # (C:\ is a Windows path)
+        raise EquipError(f"{_where(uri)}={strip_secrets(uri)}: unknown scheme {scheme!r}; use "
+                         "sqlite:///PATH.db, http(s)://HOST:PORT or a folder.")  # fmt: skip
+    if scheme == "azureml":
+        _require_azure_extra()
+    elif scheme in ("http", "https"):
+        uri = _move_credentials_to_environment(uri)
+        _set_retries(float(tracking.get("outage_s", 120)))
+        if not reachable(uri, timeout=5):
+            raise StoreUnavailable(
+                f"MLflow tracking server {uri} is unreachable. Start it (mlflow server --host "
+                f"127.0.0.1 --port 5000), fix {_where(uri)}, or unset it to log to the local "
+                "sqlite store."
+            )
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    if scheme in ("sqlite", "file", "") and tracking.get("artifact_root"):
+        _check_folder(Path(tracking.artifact_root), "tracking.artifact_root")
+    return uri
+
+
+def reachable(uri: str, timeout: float = 2) -> bool:
+    """Does an mlflow server answer at `uri`? Any HTTP answer (even 401/404) counts."""
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get(
+        "MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+    if user and password:
+        import base64
+
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def store_is_down(uri: str) -> bool:
+    return uri.startswith(("http://", "https://")) and not reachable(uri)
+
+
+def _move_credentials_to_environment(uri: str) -> str:
+    """http://user:pw@host -> http://host, with MLflow's own basic-auth variables set: the
+    password never appears in a message, a tag or a child process's command line."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _set_retries(outage_s: float) -> None:
+    """MLflow's HTTP client retries with exponential backoff (urllib3: 0, 2, 4, 8… s with factor
+    1). Choose the number of retries so that a store that went away is waited for about
+    `outage_s` seconds (tracking.outage_s), then the request fails."""
+    waited, retries = 0.0, 0
+    while waited < outage_s and retries < 30:
+        retries += 1
+        waited += 0 if retries == 1 else min(2 ** (retries - 1), 120)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _check_sqlite(uri: str) -> None:
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+        raise EquipError(f"{_where(uri)}={uri} is not a sqlite URI MLflow can open: use "
+                         "sqlite:///relative/path.db or sqlite:////absolute/path.db.")  # fmt: skip
+    db = Path(uri.removeprefix("sqlite:///"))
+    _check_folder(db.parent, _where(uri))
+    if db.is_dir():
+        raise EquipError(f"{_where(uri)}={uri}: {db} is a folder; name a .db file.")
+    if db.exists():
+        with open(db, "rb") as f:
+            header = f.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise EquipError(f"{_where(uri)}={uri}: {db} is not a sqlite database; pick "
+                             "another file name.")  # fmt: skip
+        return
+    try:  # creatable? (sqlite would only say 'unable to open database file', after retries)
+        db.touch()
+        db.unlink()
+    except OSError as e:
+        raise EquipError(f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a "
+                         "writable folder.") from None  # fmt: skip
+
+
+def _check_folder(folder: Path, key: str) -> None:
+    """The folder exists or can be made, and is writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EquipError(f"{key}: {folder} is not a folder (a file is in the way); choose "
+                         "another location.") from None  # fmt: skip
+    except OSError as e:
+        raise EquipError(f"{key}: cannot create the folder {folder} ({e.strerror}); choose a "
+                         "writable location.") from None  # fmt: skip
+    if not os.access(folder, os.W_OK):
+        raise EquipError(f"{key}: folder {folder} is not writable; choose another location.")
+
+
+# ---------------------------------------------------------------- runs of crashed processes
+def process_tags() -> dict[str, str]:
+    """Who runs a run: the next command that opens the store checks this process is alive."""
+    return {schema.HOST: socket.gethostname(), schema.PID: str(os.getpid()),
+            schema.PID_STARTED: _started(os.getpid()),
+            schema.HEARTBEAT: str(int(time.time()))}  # fmt: skip
+
+
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not started or _started(pid) in ("", started)
+
+
+def reap_stale_runs(experiment_id: str, stale_after_s: float = 1800) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process is gone: on this host, its pid no longer
+    runs; elsewhere, no heartbeat for `stale_after_s`. Returns their ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host, now, reaped = socket.gethostname(), time.time(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                                  max_results=1000):  # fmt: skip
+        t = run.data.tags
+        if schema.PID not in t:
+            continue  # not ours (or from before equip recorded processes)
+        if t.get(schema.HOST) == host:
+            gone = not _alive(int(t[schema.PID]), t.get(schema.PID_STARTED, ""))
+            why = f"its process {t[schema.PID]} on {host} is gone (killed or crashed)"
+        else:
+            age = now - float(t.get(schema.HEARTBEAT, now))
+            gone = age > stale_after_s
+            why = f"no heartbeat from {t.get(schema.HOST)} for {age:.0f} s"
+        if gone:
+            client.set_tag(run.info.run_id, schema.ERROR, f"{why}; marked KILLED by a later "
+                           "command (rerun it, or resume the sweep)")  # fmt: skip
+            client.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    if reaped:
+        log.warning("marked %d run(s) KILLED whose process is gone: %s", len(reaped),
+                    ", ".join(reaped))  # fmt: skip
+    return reaped
+
+
+# ---------------------------------------------------------------- Azure ML workspace
+def _require_azure_extra() -> None:
+    try:
+        import azureml.mlflow  # noqa: F401  # registers the azureml:// store with MLflow
+    except ImportError:
+        raise EquipError(
+            'logging to Azure ML needs the Azure extra: pip install -e ".[azure]"'
+        ) from None
+
+
+def _workspace(tracking: DictConfig) -> tuple[str, str, str]:
+    if tracking.config_path:
+        import json
+
+        path = Path(tracking.config_path).expanduser()
+        try:
+            ws = json.loads(path.read_text())
+            return ws["subscription_id"], ws["resource_group"], ws["workspace_name"]
+        except (OSError, ValueError, KeyError) as e:
+            raise EquipError(
+                f"tracking.config_path={path}: not a workspace config.json ({e}). Download it "
+                "from the workspace page in the Azure portal."
+            ) from None
+    keys = ("subscription_id", "resource_group", "workspace_name")
+    missing = [k for k in keys if not tracking.get(k)]
+    if missing:
+        raise EquipError(
+            f"tracking=azureml needs tracking.config_path=PATH/config.json, or all of "
+            f"tracking.{', tracking.'.join(keys)} (missing: {', '.join(missing)})."
+        )
+    return tracking.subscription_id, tracking.resource_group, tracking.workspace_name
+
+
+def azureml_uri(tracking: DictConfig) -> str:
+    """The workspace's MLflow tracking URI, read from Azure Resource Manager.
+
+    One GET with an azure-identity token: the azure-ai-ml SDK would answer the same question but
+    pulls in a large dependency tree for it. The token is used in memory only, never logged."""
+    import json
+
+    _require_azure_extra()
+    sub, group, name = _workspace(tracking)
+    from azure.identity import DefaultAzureCredential
+
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)  # its failure is reported below
+    try:
+        token = DefaultAzureCredential(exclude_interactive_browser_credential=True).get_token(
+            "https://management.azure.com/.default"
+        )
+    except Exception as e:  # azure-identity raises several types; its text names no secret
+        raise EquipError(
+            "no usable Azure credentials: sign in with `az login`, or set AZURE_CLIENT_ID, "
+            "AZURE_TENANT_ID and AZURE_CLIENT_SECRET for a service principal (inside an Azure "
+            f"ML job MLFLOW_TRACKING_URI is set for you). Azure said: {str(e).splitlines()[0]}"
+        ) from None
+    url = (
+        f"https://management.azure.com/subscriptions/{sub}/resourceGroups/{group}/providers/"
+        f"Microsoft.MachineLearningServices/workspaces/{name}?api-version=2024-04-01"
+    )
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.load(answer)["properties"]["mlFlowTrackingUri"]
+    except (OSError, ValueError, KeyError) as e:
+        raise EquipError(
+            f"could not read the MLflow URI of workspace {name} (resource group {group}, "
+            f"subscription {sub}): {e}. Check the names and your access to the workspace."
+        ) from None
+
+
+def experiment_id(tracking: DictConfig) -> str:
+    """Get or create the experiment (local stores keep artifacts under `artifact_root`), and
+    mark the runs of crashed processes in it KILLED."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, artifact_root = tracking.experiment, tracking.get("artifact_root")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        reap_stale_runs(exp.experiment_id, float(tracking.get("stale_after_s", 1800)))
+        return exp.experiment_id
+    location = None
+    if artifact_root and client.tracking_uri.startswith(("sqlite:", "file:", "/")):
+        location = (Path(artifact_root).resolve() / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # a parallel job created it first
+        return client.get_experiment_by_name(name).experiment_id

@@ -1,0 +1,181 @@
+"""Terminal side of train.py: old spellings upgraded, one line per outcome, exit codes that mean
+something (0 done, 2 bad input, 130 stopped by you), no stack traces for what users can fix."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+
+from equip.errors import EquipError
+from equip.track.redaction import strip_secrets
+
+console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
+
+# Spellings of the previous release, kept working for one more release.
+RENAMED = {"register": "registry.enabled", "sweep.resume": "multirun.resume",
+           "sweep.continue_on_failure": "multirun.continue_on_failure",
+           "sweep.median_stop": "multirun.median_stop"}  # fmt: skip
+DROPPED = ("trainer.monitor_mode",)  # now follows trainer.monitor
+
+
+def upgrade_argv(argv: list[str]) -> list[str]:
+    """Rewrite deprecated overrides in place of Hydra seeing them, with a one-line note each."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        new = next((n + bare[len(o) :] for o, n in RENAMED.items()
+                    if bare == o or bare.startswith(o + ".")), None)  # fmt: skip
+        if eq and new:
+            console.print(f"equip: note: {bare}= is now {new}= (the old spelling goes in the "
+                          "next release)", highlight=False)  # fmt: skip
+            arg = f"{new}={value}"
+        elif eq and bare in DROPPED:
+            console.print(f"equip: note: {bare} is dropped: it follows trainer.monitor now",
+                          highlight=False)  # fmt: skip
+            continue
+        out.append(arg)
+    return out
+
+
+def fail(message: str, code: int) -> None:
+    console.print(f"[bold red]equip: error:[/] {strip_secrets(message)}", highlight=False)
+    raise SystemExit(code)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Around Hydra's main: a bad key or value on the command line is one line and exit 2, not
+    Hydra's multi-line report. HYDRA_FULL_ERROR (Hydra's own switch) makes it re-raise to us."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except EquipError as e:
+        fail(str(e), 2)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path")[0]  # Hydra's search path is noise here
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        cause = e.__cause__
+        if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+            text += f" ({str(cause).strip().splitlines()[0]})"
+        fail(f"{text} See python train.py --help for the config groups and keys.", 2)
+
+
+def run_training(cfg: DictConfig) -> float:
+    """Train one job; return its monitored metric, negated when lower is better, so that an
+    Optuna sweeper with direction=maximize always optimises the right way."""
+    from equip.config.checks import check_config
+    from equip.sweep.job import FAILED_JOB_SCORE, JobContext
+    from equip.track.store import check_store
+
+    job = JobContext.from_hydra(cfg)
+    try:
+        check_config(cfg)  # before torch is imported: a bad value costs a second, not ten
+        check_store(cfg.tracking)
+        from equip.train.run import train
+
+        # After the import: importing Lightning sets its logger to INFO (GPU/TPU notices, tips).
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        result = train(cfg, job)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        console.print("[bold yellow]stopped by you[/]: the run is marked KILLED; run the same "
+                      "command again to resume", highlight=False)  # fmt: skip
+        raise SystemExit(130) from None
+    except Exception as e:
+        if _store_gone(e):
+            if job.in_sweep:
+                fail(f"{describe(e)}. The sweep stops here; finished jobs are safe in the store. "
+                     "Run the same command again once the store is back to resume.", 3)  # fmt: skip
+            if isinstance(e, EquipError):  # before any work: a setting to fix
+                fail(str(e), 2)
+            fail(f"the tracking store went away during the run ({describe(e)}). Run the same "
+                 "command again once it is back.", 3)  # fmt: skip
+        if job.in_sweep and job.continue_on_failure:
+            console.print(f"[bold red]job failed[/] (the sweep goes on): {describe(e)}",
+                          highlight=False)  # fmt: skip
+            return FAILED_JOB_SCORE
+        if isinstance(e, EquipError):
+            fail(str(e), 2)
+        fail(f"{describe(e)} (traceback in {save_traceback(e)})", 1)
+    if result.get("rank_zero") is False:  # another rank of a ddp job: rank 0 reports
+        return math.nan
+    return report(cfg, result)
+
+
+def _store_gone(e: Exception) -> bool:
+    from equip.errors import StoreUnavailable
+
+    if isinstance(e, StoreUnavailable):
+        return True
+    if isinstance(e, EquipError):
+        return False
+    import mlflow
+
+    from equip.track.store import store_is_down
+
+    return store_is_down(mlflow.get_tracking_uri())
+
+
+def describe(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return strip_secrets(f"{type(e).__name__}: {first}")
+
+
+def save_traceback(e: BaseException) -> str:
+    """Where the full traceback of an unexpected error went: the job's Hydra output folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path()
+    path = folder / "error.txt"
+    path.write_text(strip_secrets("".join(traceback.format_exception(e))))
+    return str(path)
+
+
+def report(cfg: DictConfig, result: dict) -> float:
+    from equip.track import schema
+
+    m = result["metrics"]
+    if result.get("skipped"):
+        console.print(f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run "
+                      f"{result['run_id']}", highlight=False)  # fmt: skip
+    else:
+        print_done(result)
+    value = float(m.get(f"best_{cfg.trainer.monitor}", math.nan))
+    return -value if schema.monitor_mode(cfg.trainer.monitor) == "min" else value
+
+
+def print_done(result: dict) -> None:
+    m = result["metrics"]
+    if "best_val_acc" not in m:  # a final fit: no val images, the CV sweep's estimate instead
+        cv = (f"CV estimate val_acc {m['cv_mean_best_val_acc']:.3f} over {m['cv_folds']:.0f} "
+              "folds" if "cv_mean_best_val_acc" in m else "no CV estimate")  # fmt: skip
+        console.print(f"[bold green]done[/] {result['run_name']}: final fit on every image, "
+                      f"{m['epochs_trained']:.0f} epochs, trained in {m['train_time_s']:.0f} s; "
+                      f"{cv}", highlight=False)  # fmt: skip
+    else:
+        where = (f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
+                 if "best_epoch" in m else "")  # fmt: skip
+        ci = (f" [95% CI {m['best_val_acc_ci_low']:.3f}-{m['best_val_acc_ci_high']:.3f}, "
+              f"n={m['val_images']:.0f}]" if "val_images" in m else "")  # fmt: skip
+        console.print(
+            f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{ci}"
+            f"{where}, macro-F1 {m['best_val_macro_f1']:.3f}, trained in "
+            f"{m['train_time_s']:.0f} s",
+            highlight=False,
+        )
+    if "registry" in result:
+        r = result["registry"]
+        verdict = f"registered as version {r['version']}" if r["registered"] else "not registered"
+        console.print(f"registry: {verdict}: {r['reason']}", highlight=False)
+    console.print(f"MLflow: {result['location']}", highlight=False, soft_wrap=True)

@@ -1,0 +1,97 @@
+"""Continuing a run that was killed or preempted: `python train.py ... resume=RUN_ID|last`.
+
+Every CNN run keeps `last.ckpt` (weights, optimizer, scheduler, early stopping, epoch) in its own
+folder under data.cache_dir until it FINISHES. Resuming reopens the same MLflow run and hands
+that file to `trainer.fit(ckpt_path=...)`; the metric history goes on at the next epoch. A
+resumed sweep does the same for a child it finds KILLED or FAILED with a checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from equip.errors import EquipError
+from equip.track import schema
+
+LAST = "last.ckpt"
+UNFINISHED = ("RUNNING", "KILLED", "FAILED")
+
+
+def checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
+    """Where a run's best.ckpt and last.ckpt live while it trains."""
+    return Path(cfg.data.cache_dir).expanduser().resolve() / "runs" / run_id
+
+
+def find_run(cfg: DictConfig, experiment_id: str, cfg_hash: str) -> str:
+    """The run `resume=` names, checked: exists, unfinished, same config, has a checkpoint."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    wanted = str(cfg.resume)
+    if wanted == "last":
+        runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=50)  # fmt: skip
+        ids = [r.info.run_id for r in runs if r.info.status in UNFINISHED]
+        found = [i for i in ids if (checkpoint_dir(cfg, i) / LAST).exists()]
+        if not found:
+            raise EquipError(
+                f"resume=last: no unfinished run with a checkpoint in experiment "
+                f"{cfg.tracking.experiment!r}. Drop resume= to start a new one."
+            )
+        wanted = found[0]
+    try:
+        run = client.get_run(wanted)
+    except MlflowException:
+        raise EquipError(
+            f"resume={wanted}: no such MLflow run in {client.tracking_uri}. "
+            "Give the id of a killed run (MLflow UI), or resume=last."
+        ) from None
+    if run.info.status == "FINISHED":
+        raise EquipError(
+            f"resume={wanted}: that run already FINISHED; nothing to continue. "
+            "Drop resume= to train a new run."
+        )
+    if run.data.tags.get(schema.CONFIG_HASH) != cfg_hash:
+        raise EquipError(
+            f"resume={wanted}: that run trained another config or data. "
+            "Resume with the command that started it plus resume=."
+        )
+    if not (checkpoint_dir(cfg, wanted) / LAST).exists():
+        where = checkpoint_dir(cfg, wanted) / LAST
+        raise EquipError(
+            f"resume={wanted}: no checkpoint at {where} (stopped before its "
+            "first epoch ended, or another data.cache_dir). Drop resume= to start "
+            "again."
+        )
+    return wanted
+
+
+def unfinished_twin(cfg: DictConfig, experiment_id: str, parent_id: str, cfg_hash: str):
+    """In a resumed sweep: a KILLED or FAILED child with this config and a last checkpoint."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for status in ("KILLED", "FAILED"):
+        flt = schema.children_of(parent_id, status, cfg_hash)
+        for run in client.search_runs([experiment_id], flt,
+                                      order_by=["attributes.start_time DESC"]):  # fmt: skip
+            if (checkpoint_dir(cfg, run.info.run_id) / LAST).exists():
+                return run.info.run_id
+    return None
+
+
+def logged_history(run_id: str) -> list[dict[str, float]]:
+    """The per-epoch metrics a run logged before it was cut off, oldest epoch first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    by_epoch: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        if key.startswith(("train_", "val_")) or key in ("lr", "epoch_time_s"):
+            for m in client.get_metric_history(run_id, key):
+                by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [by_epoch[e] for e in sorted(by_epoch)]

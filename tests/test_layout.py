@@ -1,0 +1,26 @@
+"""The package keeps the shape docs/architecture.md describes: layers, lint."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which(args[0])
+    if exe is None:
+        pytest.fail(f"{args[0]} is not installed: pip install -e '.[test]'")
+    return subprocess.run([exe, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_layering_contract_is_kept():
+    result = run_tool("lint-imports")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_check_is_clean():
+    result = run_tool("ruff", "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
