@@ -50,8 +50,9 @@ def child(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     err = proc.stderr.read() if proc.stderr else ""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -62,8 +63,10 @@ def child(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
 
 def draw(per_class: int, size: int, cache: Path, work: Path) -> tuple[float, float]:
     """Draw the built-in data set into `cache` in a child process: (seconds, peak RSS MiB)."""
-    code = ("from pathlib import Path; from equip.data.images import load_synthetic; "
-            f"load_synthetic({per_class}, {size}, 0, Path({str(cache)!r}))")  # fmt: skip
+    code = (
+        "from pathlib import Path; from equip.data.images import load_synthetic; "
+        f"load_synthetic({per_class}, {size}, 0, Path({str(cache)!r}))"
+    )
     secs, rss, _ = child([sys.executable, "-c", code], work)
     return secs, rss
 

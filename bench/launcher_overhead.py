@@ -23,9 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LRS = "0.001,0.0015,0.002,0.0025,0.003,0.0035,0.004,0.0045"  # 8 jobs
 TINY = [
-    "data.image_size=32", "data.per_class=8", "data.val_fraction=0.25", "data.batch_size=16",
-    "trainer.max_epochs=2", "trainer.progress_bar=false", "tracking.log_model=false",
-]  # fmt: skip
+    "data.image_size=32",
+    "data.per_class=8",
+    "data.val_fraction=0.25",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.progress_bar=false",
+    "tracking.log_model=false",
+]
 GOAL_S = 1.5
 
 

@@ -27,8 +27,10 @@ def main() -> None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with initialize_config_dir(os.path.join(root, "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=gear", "data.root=unused",
-                                          f"data.image_size={args.image_size}"])  # fmt: skip
+        cfg = compose(
+            "train",
+            overrides=["experiment=gear", "data.root=unused", f"data.image_size={args.image_size}"],
+        )
 
     from equip.runtime import apply_fast_path, resolve_precision
 
@@ -50,14 +52,21 @@ def main() -> None:
     data = ImageSet(x, y, [str(i) for i in range(12)], [], [], "bench")
     dm = ImageDataModule(data, np.array(["train"] * len(y)), cfg.data, seed=0)
     model_cfg = OmegaConf.to_container(cfg.model)
-    modules = {p: Classifier(model_cfg, data.classes, args.image_size)
-               for p in ("32-true", "bf16-mixed")}  # fmt: skip
+    modules = {
+        p: Classifier(model_cfg, data.classes, args.image_size) for p in ("32-true", "bf16-mixed")
+    }
 
     def epoch(precision: str) -> float:
-        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             limit_val_batches=0, accelerator="cpu",
-                             precision=precision)  # fmt: skip
+        trainer = pl.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            precision=precision,
+        )
         t0 = time.perf_counter()
         trainer.fit(modules[precision], dm)
         return time.perf_counter() - t0
@@ -68,14 +77,20 @@ def main() -> None:
     for r in range(args.rounds):
         for p in modules:
             secs[p] += epoch(p)
-        print(f"round {r + 1}: " + ", ".join(f"{p} {len(y) * (r + 1) / s:.1f} img/s"
-                                             for p, s in secs.items()))  # fmt: skip
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{p} {len(y) * (r + 1) / s:.1f} img/s" for p, s in secs.items())
+        )
     ips = {p: len(y) * args.rounds / s for p, s in secs.items()}
-    print(f"setup: {len(y)} images of {args.image_size} px, batch {cfg.data.batch_size}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds; "
-          f"trainer.precision=auto picks {resolve_precision('auto', 'cpu')} here")  # fmt: skip
-    print(f"bf16-mixed/32-true training throughput: {ips['bf16-mixed'] / ips['32-true']:.2f}x "
-          f"({ips['bf16-mixed']:.0f} vs {ips['32-true']:.0f} img/s)")  # fmt: skip
+    print(
+        f"setup: {len(y)} images of {args.image_size} px, batch {cfg.data.batch_size}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds; "
+        f"trainer.precision=auto picks {resolve_precision('auto', 'cpu')} here"
+    )
+    print(
+        f"bf16-mixed/32-true training throughput: {ips['bf16-mixed'] / ips['32-true']:.2f}x "
+        f"({ips['bf16-mixed']:.0f} vs {ips['32-true']:.0f} img/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def main() -> None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with initialize_config_dir(os.path.join(root, "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"data.image_size={args.image_size}",
-                                          f"data.batch_size={args.batch_size}"])  # fmt: skip
+        cfg = compose(
+            "train",
+            overrides=[f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}"],
+        )
     model_cfg = OmegaConf.to_container(cfg.model)
     per_class = -(-args.images // 12)
     images, labels = make_synthetic(per_class, args.image_size, seed=0)
@@ -81,9 +83,15 @@ def main() -> None:
     dm = ImageDataModule(data, np.array(["train"] * len(y)), cfg.data, seed=0)
 
     def equip_epoch(module) -> float:
-        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             limit_val_batches=0, accelerator="cpu")  # fmt: skip
+        trainer = pl.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+        )
         t0 = time.perf_counter()
         trainer.fit(module, dm)
         return time.perf_counter() - t0
@@ -104,19 +112,33 @@ def main() -> None:
     equip_ips, raw_ips = len(y) * args.rounds / t_equip, len(y) * args.rounds / t_raw
 
     child = subprocess.run(
-        [sys.executable, __file__, "--raw-only", f"--images={args.images}",
-         f"--rounds={args.rounds}", f"--image-size={args.image_size}",
-         f"--batch-size={args.batch_size}"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            __file__,
+            "--raw-only",
+            f"--images={args.images}",
+            f"--rounds={args.rounds}",
+            f"--image-size={args.image_size}",
+            f"--batch-size={args.batch_size}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     untuned = float(child.stdout.strip().splitlines()[-1])
-    print(f"setup: {len(y)} images of {args.image_size} px, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds")  # fmt: skip
+    print(
+        f"setup: {len(y)} images of {args.image_size} px, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds"
+    )
     print(f"raw loop, glibc default allocator (child process): {untuned:.1f} img/s")
-    print(f"raw loop, tuned allocator + channels_last: {raw_ips:.1f} img/s "
-          f"({raw_ips / untuned:.2f}x the untuned loop)")  # fmt: skip
-    print(f"equip/raw throughput ratio: {equip_ips / raw_ips:.2f} "
-          f"(equip {equip_ips:.0f} img/s, raw {raw_ips:.0f} img/s)")  # fmt: skip
+    print(
+        f"raw loop, tuned allocator + channels_last: {raw_ips:.1f} img/s "
+        f"({raw_ips / untuned:.2f}x the untuned loop)"
+    )
+    print(
+        f"equip/raw throughput ratio: {equip_ips / raw_ips:.2f} "
+        f"(equip {equip_ips:.0f} img/s, raw {raw_ips:.0f} img/s)"
+    )
 
 
 if __name__ == "__main__":

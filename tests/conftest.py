@@ -68,11 +68,26 @@ def launch_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "a")  # noqa: SIM115  # lives as long as the server
     return subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers die with it
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers die with it
+    )
 
 
 def wait_for_server(proc: subprocess.Popen, port: int, folder: Path, timeout_s: float = 90) -> None:
@@ -137,8 +152,12 @@ def run_cli(*args: str, cwd: Path, tiny: bool = True) -> subprocess.CompletedPro
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *(TINY if tiny else []), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 FAST = [*TINY, "tracking.log_model=false"]
@@ -150,15 +169,17 @@ def sweep(*args: str, cwd: Path, env_uri: str | None = None, wait: bool = True):
         env["MLFLOW_TRACKING_URI"] = env_uri
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def parent_and_children(client: MlflowClient):
     [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
     children = client.search_runs(
-        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        ["1"],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
-    )  # fmt: skip
+    )
     return parent, children

@@ -30,8 +30,11 @@ def azure_cfg(*overrides: str):
 
 @needs_azure
 def test_missing_workspace_settings_name_the_keys():
-    with pytest.raises(EquipError, match=r"tracking.config_path=PATH/config.json(.|\n)*missing: "
-                       r"subscription_id, resource_group, workspace_name"):  # fmt: skip
+    with pytest.raises(
+        EquipError,
+        match=r"tracking.config_path=PATH/config.json(.|\n)*missing: "
+        r"subscription_id, resource_group, workspace_name",
+    ):
         azureml_uri(azure_cfg())
 
 
@@ -59,9 +62,13 @@ def test_no_credentials_give_one_clear_message(tmp_path: Path, monkeypatch):
 
 def test_secrets_never_reach_params_tags_or_artifacts(store: str, monkeypatch):
     monkeypatch.setenv("AZURE_CLIENT_SECRET", SECRET)
-    overrides = [f"+tracking.client_secret={SECRET}", f"+tracking.sas_token={SECRET}",
-                 f"+data.api_key={SECRET}", f"+data.auth={{api_key:{SECRET}}}",
-                 f"+data.mirror=https://user:{SECRET}@example.invalid/x"]  # fmt: skip
+    overrides = [
+        f"+tracking.client_secret={SECRET}",
+        f"+tracking.sas_token={SECRET}",
+        f"+data.api_key={SECRET}",
+        f"+data.auth={{api_key:{SECRET}}}",
+        f"+data.mirror=https://user:{SECRET}@example.invalid/x",
+    ]
     result = train(make_cfg(*overrides, "trainer.max_epochs=1"), overrides)
     client = MlflowClient(store)
     run = client.get_run(result["run_id"])

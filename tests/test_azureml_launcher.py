@@ -25,8 +25,12 @@ from azure.ai.ml import load_job  # noqa: E402
 from equip.launchers.azureml.jobs import pip_requirements  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
-WORKSPACE = ["tracking=azureml", "tracking.subscription_id=00000000-0000-0000-0000-000000000000",
-             "tracking.resource_group=rg", "tracking.workspace_name=ws"]  # fmt: skip
+WORKSPACE = [
+    "tracking=azureml",
+    "tracking.subscription_id=00000000-0000-0000-0000-000000000000",
+    "tracking.resource_group=rg",
+    "tracking.workspace_name=ws",
+]
 LAUNCHER = ["hydra/launcher=azureml", "hydra.launcher.compute=cpu-cluster"]
 # Runs train.py with outgoing connections refused; an attempt is written to NET_LOG.
 NO_NETWORK = """
@@ -51,8 +55,12 @@ def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env["NET_LOG"] = str(tmp_path / "network.log")
     return subprocess.run(
         [sys.executable, "-c", NO_NETWORK, str(ROOT / "train.py"), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def job_files(tmp_path: Path) -> list[Path]:
@@ -68,8 +76,9 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
-    result = train(tmp_path, "-m", "sweep=architecture", *LAUNCHER,
-                   "hydra.launcher.dry_run=true", *WORKSPACE)  # fmt: skip
+    result = train(
+        tmp_path, "-m", "sweep=architecture", *LAUNCHER, "hydra.launcher.dry_run=true", *WORKSPACE
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "network.log").exists()  # no connection was even attempted
     assert not (tmp_path / "mlflow.db").exists()  # and no local store stands in for Azure
@@ -97,8 +106,10 @@ def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
             "model.filters,model.kernel_sizes,model.hidden,model.batch_norm"
         )
         child_tags = json.loads(job.environment_variables["MLFLOW_RUN_CONTEXT"])
-        assert child_tags == {"equip.azureml_job": job.name,
-                              "equip.launch_key": job.tags["equip.launch_key"]}  # fmt: skip
+        assert child_tags == {
+            "equip.azureml_job": job.name,
+            "equip.launch_key": job.tags["equip.launch_key"],
+        }
         argv = shlex.split(job.command)
         assert argv[:2] == ["python", "train.py"] and "-m" not in argv  # a plain run: a child
         overrides = dict(a.split("=", 1) for a in argv[2:] if "=" in a)  # through its env vars
@@ -108,16 +119,28 @@ def test_dry_run_builds_every_job_of_the_architecture_sweep(tmp_path: Path):
         remote_job = "equip.launchers.azureml.run.RemoteJob"
         assert overrides["+hydra.callbacks.azureml_job._target_"] == remote_job
         assert not any(k.startswith(("hydra/", "hydra.s")) for k in overrides)
-        points.add(tuple(overrides[k] for k in ("model.filters", "model.kernel_sizes",
-                                                 "model.hidden", "model.batch_norm")))  # fmt: skip
-    grid = itertools.product(["[32,64]", "[32,64,128]", "[16,32,64,128]"], ["3", "5"],
-                             ["[]", "[128]"], ["False", "True"])  # fmt: skip
+        points.add(
+            tuple(
+                overrides[k]
+                for k in ("model.filters", "model.kernel_sizes", "model.hidden", "model.batch_norm")
+            )
+        )
+    grid = itertools.product(
+        ["[32,64]", "[32,64,128]", "[16,32,64,128]"], ["3", "5"], ["[]", "[128]"], ["False", "True"]
+    )
     assert points == set(grid)
 
 
 def test_an_optuna_sweep_gets_one_job_per_trial_each_a_single_trial_on_the_cluster(tmp_path):
-    result = train(tmp_path, "-m", "sweep=learning_rate", "hydra.sweeper.n_trials=2", *LAUNCHER,
-                   "hydra.launcher.dry_run=true", *WORKSPACE)  # fmt: skip
+    result = train(
+        tmp_path,
+        "-m",
+        "sweep=learning_rate",
+        "hydra.sweeper.n_trials=2",
+        *LAUNCHER,
+        "hydra.launcher.dry_run=true",
+        *WORKSPACE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [load_job(f) for f in job_files(tmp_path)]
     assert len(jobs) == 2
@@ -137,8 +160,15 @@ def test_a_local_data_folder_is_an_input_and_an_azureml_path_is_used_as_is(tmp_p
     for c in ("ropes", "helmets"):
         (photos / c).mkdir(parents=True)
         (photos / c / "1.png").write_bytes(b"not decoded in a dry run")
-    result = train(tmp_path, "-m", "data=folder", f"data.root={photos},azureml:gear-photos:3",
-                   *LAUNCHER, "hydra.launcher.dry_run=true", *WORKSPACE)  # fmt: skip
+    result = train(
+        tmp_path,
+        "-m",
+        "data=folder",
+        f"data.root={photos},azureml:gear-photos:3",
+        *LAUNCHER,
+        "hydra.launcher.dry_run=true",
+        *WORKSPACE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     files = job_files(tmp_path)
     written = sorted(yaml.safe_load(f.read_text())["inputs"]["data"]["path"] for f in files)
@@ -152,17 +182,29 @@ def test_a_local_data_folder_is_an_input_and_an_azureml_path_is_used_as_is(tmp_p
 
 
 def test_a_bad_compute_name_is_one_line(tmp_path: Path):
-    result = train(tmp_path, "-m", "model.lr=0.001,0.01", "hydra/launcher=azureml",
-                   "hydra.launcher.compute=cpu_cluster", "hydra.launcher.dry_run=true",
-                   *WORKSPACE)  # fmt: skip
+    result = train(
+        tmp_path,
+        "-m",
+        "model.lr=0.001,0.01",
+        "hydra/launcher=azureml",
+        "hydra.launcher.compute=cpu_cluster",
+        "hydra.launcher.dry_run=true",
+        *WORKSPACE,
+    )
     line = one_error_line(result)
     assert "hydra.launcher.compute='cpu_cluster' is not an Azure ML compute name" in line
     assert not job_files(tmp_path)
 
 
 def test_missing_workspace_settings_are_one_line(tmp_path: Path):
-    result = train(tmp_path, "-m", "model.lr=0.001,0.01", *LAUNCHER,
-                   "hydra.launcher.dry_run=true", "tracking=azureml")  # fmt: skip
+    result = train(
+        tmp_path,
+        "-m",
+        "model.lr=0.001,0.01",
+        *LAUNCHER,
+        "hydra.launcher.dry_run=true",
+        "tracking=azureml",
+    )
     line = one_error_line(result)
     assert "missing: subscription_id, resource_group, workspace_name" in line
 
@@ -188,8 +230,14 @@ class FakeAzureML:
     test's store and MLFLOW_RUN_ID at a run standing for the one Azure ML creates per job), or
     the child run the job would log is written directly (fast)."""
 
-    def __init__(self, store: str, code: Path | None = None, fail: tuple[str, ...] = (),
-                 interrupt_on_poll: bool = False, refuse_after: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        store: str,
+        code: Path | None = None,
+        fail: tuple[str, ...] = (),
+        interrupt_on_poll: bool = False,
+        refuse_after: int | None = None,
+    ):
         self.jobs, self.store, self.code, self.fail = self, store, code, fail
         self.interrupt_on_poll, self.refuse_after = interrupt_on_poll, refuse_after
         self.blips = 0  # status reads that fail before the service answers again
@@ -211,8 +259,9 @@ class FakeAzureML:
         self.states[job.name] = ["Queued", "Running", "Completed"]
         active = sum(s[0] not in ("Completed", "Failed") for s in self.states.values())
         self.most_active = max(self.most_active, active)
-        return SimpleNamespace(name=job.name, status="Queued",
-                               studio_url=f"https://ml.azure.com/runs/{job.name}")  # fmt: skip
+        return SimpleNamespace(
+            name=job.name, status="Queued", studio_url=f"https://ml.azure.com/runs/{job.name}"
+        )
 
     def _job_run(self, experiment: str, name: str) -> str:
         """The MLflow run Azure ML creates for every job."""
@@ -252,8 +301,10 @@ class FakeAzureML:
             if any(f in job.command for f in self.fail):
                 return "Failed"
             exp = client.get_experiment_by_name("equip").experiment_id
-            tags = {**json.loads(env["MLFLOW_RUN_CONTEXT"]),
-                    "mlflow.parentRunId": env["EQUIP_PARENT_RUN_ID"]}  # fmt: skip
+            tags = {
+                **json.loads(env["MLFLOW_RUN_CONTEXT"]),
+                "mlflow.parentRunId": env["EQUIP_PARENT_RUN_ID"],
+            }
             run = client.create_run(exp, run_name=job.display_name, tags=tags)
             lr = float(next(a for a in shlex.split(job.command) if a.startswith("model.lr="))[9:])
             client.log_metric(run.info.run_id, "best_val_loss", lr * 100)
@@ -262,11 +313,16 @@ class FakeAzureML:
             return "Completed"
         single = "EQUIP_PARENT_RUN_ID" not in env
         job_run = job.name if single else self._job_run(job.experiment_name, job.name)
-        env.update(MLFLOW_TRACKING_URI=self.store, MLFLOW_RUN_ID=job_run, PATH=os.environ["PATH"],
-                   HOME=os.environ.get("HOME", "/root"))  # fmt: skip
+        env.update(
+            MLFLOW_TRACKING_URI=self.store,
+            MLFLOW_RUN_ID=job_run,
+            PATH=os.environ["PATH"],
+            HOME=os.environ.get("HOME", "/root"),
+        )
         argv = [sys.executable if a == "python" else a for a in shlex.split(job.command)]
-        done = subprocess.run(argv, cwd=self.code, env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        done = subprocess.run(
+            argv, cwd=self.code, env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return "Completed"
 
@@ -303,14 +359,18 @@ def launcher_for(store: str, *overrides: str):
 
     setup_globals()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*LAUNCHER, *WORKSPACE, *overrides],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            "train", overrides=[*LAUNCHER, *WORKSPACE, *overrides], return_hydra_config=True
+        )
     settings = OmegaConf.to_container(cfg.hydra.launcher)
     settings.pop("_target_")
     launcher = AzureMLLauncher(**{**settings, "poll_s": 0})
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
-    launcher.setup(hydra_context=HydraContext(config_loader=loader, callbacks=None),
-                   task_function=inspect.unwrap(train_script.main), config=cfg)  # fmt: skip
+    launcher.setup(
+        hydra_context=HydraContext(config_loader=loader, callbacks=None),
+        task_function=inspect.unwrap(train_script.main),
+        config=cfg,
+    )
     mlflow.set_tracking_uri(store)
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("equip")
@@ -335,8 +395,9 @@ def sweep_env(monkeypatch):
 
 
 @pytest.mark.slow  # runs the generated commands: real (tiny) training
-def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_path, sweep_env,
-                                                                    capsys):  # fmt: skip
+def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(
+    store, tmp_path, sweep_env, capsys
+):
     from mlflow import MlflowClient
 
     from tests.conftest import TINY
@@ -352,8 +413,10 @@ def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(store, tmp_pa
     client = MlflowClient(store)
     exp = client.get_run(parent).info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(c.info.run_name for c in children) == ["filters=32-64 lr=0.001",
-                                                         "filters=32-64 lr=0.003"]  # fmt: skip
+    assert sorted(c.info.run_name for c in children) == [
+        "filters=32-64 lr=0.001",
+        "filters=32-64 lr=0.003",
+    ]
     by_job = {c.data.tags["equip.azureml_job"]: c for c in children}
     assert set(by_job) == set(service.submitted)
     for ret, name in zip(returns, service.submitted, strict=True):
@@ -434,22 +497,34 @@ def test_status_blips_are_retried_and_a_lasting_outage_stops_the_sweep(store, sw
 
 # ---------------------------------------------------------------- a single run: +launch=azureml
 def test_a_single_run_dry_run_writes_one_plain_run_job(tmp_path: Path):
-    result = train(tmp_path, "+launch=azureml", "launch.compute=cpu-cluster",
-                   "launch.dry_run=true", *WORKSPACE, "model.lr=0.003")  # fmt: skip
+    result = train(
+        tmp_path,
+        "+launch=azureml",
+        "launch.compute=cpu-cluster",
+        "launch.dry_run=true",
+        *WORKSPACE,
+        "model.lr=0.003",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "network.log").exists() and not (tmp_path / "mlflow.db").exists()
     [path] = tmp_path.glob("outputs/*/*/*.azureml.yaml")
     assert f"job file {path}" in result.stderr
     job = load_job(path)
-    assert shlex.split(job.command) == ["python", "train.py", "tracking=azureml", "model.lr=0.003",
-                                        "trainer.progress_bar=false"]  # fmt: skip
+    assert shlex.split(job.command) == [
+        "python",
+        "train.py",
+        "tracking=azureml",
+        "model.lr=0.003",
+        "trainer.progress_bar=false",
+    ]
     assert job.compute == "cpu-cluster" and job.experiment_name == "equip"
     assert "EQUIP_PARENT_RUN_ID" not in job.environment_variables  # no sweep, no parent
 
 
 @pytest.mark.slow  # runs the generated commands: real (tiny) training
-def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_path, monkeypatch,
-                                                                   capsys):  # fmt: skip
+def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(
+    store, tmp_path, monkeypatch, capsys
+):
     from hydra import compose, initialize_config_dir
     from mlflow import MlflowClient
 
@@ -460,10 +535,19 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
     code = project_copy(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["+launch=azureml", "launch.compute=cpu-cluster",
-                                          "launch.poll_s=0", *WORKSPACE, *TINY,
-                                          "tracking.log_model=false", "model.lr=0.003"],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            "train",
+            overrides=[
+                "+launch=azureml",
+                "launch.compute=cpu-cluster",
+                "launch.poll_s=0",
+                *WORKSPACE,
+                *TINY,
+                "tracking.log_model=false",
+                "model.lr=0.003",
+            ],
+            return_hydra_config=True,
+        )
     service = FakeAzureML(store, code=code)
     jobs = JobService(cfg.tracking, "cpu-cluster", "launch")
     jobs.client = service
@@ -482,7 +566,13 @@ def test_a_single_run_trains_on_the_cluster_into_the_jobs_own_run(store, tmp_pat
 
 
 def test_a_single_run_with_a_bad_config_fails_here(tmp_path: Path):
-    result = train(tmp_path, "+launch=azureml", "launch.compute=cpu-cluster", "launch.dry_run=true",
-                   *WORKSPACE, "model.filters=[8,8,8,8,8,8,8,8]")  # fmt: skip
+    result = train(
+        tmp_path,
+        "+launch=azureml",
+        "launch.compute=cpu-cluster",
+        "launch.dry_run=true",
+        *WORKSPACE,
+        "model.filters=[8,8,8,8,8,8,8,8]",
+    )
     assert "8 pooling blocks shrink a 128 px image" in one_error_line(result)
     assert not list(tmp_path.glob("outputs/*/*/*.azureml.yaml"))

@@ -182,8 +182,10 @@ def test_group_pattern_keeps_colourways_of_a_product_together():
 
     images = load_images(make_cfg("data.per_class=10").data)
     # Name pairs of images as one product in two colourways: 100x1.jpg, 100x2.jpg, ...
-    paths = [f"/d/{images.classes[y]}/{100 + i // 2}x{i % 2}.jpg"
-             for i, y in enumerate(images.labels.tolist())]  # fmt: skip
+    paths = [
+        f"/d/{images.classes[y]}/{100 + i // 2}x{i % 2}.jpg"
+        for i, y in enumerate(images.labels.tolist())
+    ]
     named = replace(images, paths=paths)
     s = split_images(named, 0.2, 0.0, seed=0, group_pattern=r"^(\d+)x")
     assert all(s[i] == s[i + 1] for i in range(0, len(s), 2))

@@ -78,8 +78,12 @@ def run_train(args: list[str], cwd: Path, env: dict | None = None):
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300, env={**base, **(env or {})},
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**base, **(env or {})},
+    )
 
 
 def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
@@ -93,8 +97,9 @@ def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(case, range(len(BAD_INPUTS))))
     env_case = run_train([], tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite://x.db"})
-    results.append((["MLFLOW_TRACKING_URI=sqlite://x.db"], "MLFLOW_TRACKING_URI", env_case,
-                    tmp_path))  # fmt: skip
+    results.append(
+        (["MLFLOW_TRACKING_URI=sqlite://x.db"], "MLFLOW_TRACKING_URI", env_case, tmp_path)
+    )
     assert len(results) >= 30
     for args, key, proc, cwd in results:
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
@@ -107,11 +112,21 @@ def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
 def start_training(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *TINY, "data.per_class=24", "trainer.patience=0",
-         "tracking.log_model=false", *args],
-        cwd=cwd, env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *TINY,
+            "data.per_class=24",
+            "trainer.patience=0",
+            "tracking.log_model=false",
+            *args,
+        ],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
 
 
 def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, db: Path | None = None):
@@ -165,8 +180,12 @@ def test_a_tracking_server_that_dies_mid_sweep_stops_it_and_the_rerun_completes_
     server = start_mlflow_server(port, tmp_path / "server")
     uri = f"http://127.0.0.1:{port}"
     client = MlflowClient(uri)
-    args = ("model.filters=[4],[8],[4,8]", "trainer.max_epochs=4", "data.per_class=24",
-            "tracking.outage_s=3")  # fmt: skip
+    args = (
+        "model.filters=[4],[8],[4,8]",
+        "trainer.max_epochs=4",
+        "data.per_class=24",
+        "tracking.outage_s=3",
+    )
     proc = sweep(*args, cwd=tmp_path, env_uri=uri, wait=False)
     deadline = time.time() + 300
     finished = []
@@ -212,25 +231,45 @@ def test_no_secret_reaches_the_store_the_artifacts_or_the_checkpoint(tmp_path: P
     server = start_mlflow_server(port, tmp_path / "server")
     try:
         overrides = [f"{k}='{v}'" for k, v in SECRETS.items()]
-        cfg = make_cfg(*overrides, "trainer.max_epochs=1",
-                       f"tracking.uri=http://equip:PassWORD5secret@127.0.0.1:{port}")  # fmt: skip
+        cfg = make_cfg(
+            *overrides,
+            "trainer.max_epochs=1",
+            f"tracking.uri=http://equip:PassWORD5secret@127.0.0.1:{port}",
+        )
         result = train(cfg, overrides)
-        assert MlflowClient(f"http://127.0.0.1:{port}").get_run(result["run_id"]).info.status \
-            == "FINISHED"  # fmt: skip
+        assert (
+            MlflowClient(f"http://127.0.0.1:{port}").get_run(result["run_id"]).info.status
+            == "FINISHED"
+        )
     finally:
         stop_process(server)
     files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in files) and any(p.suffix == ".db" for p in files)
-    leaked = {(p.name, s) for p in files for s in ("AcctKEY0secret", "ApiKEY1secret",
-              "BearerTOKEN2secret", "SasSIG3secret", "BEARER4secret", "PassWORD5secret")
-              if s.encode() in p.read_bytes()}  # fmt: skip
+    leaked = {
+        (p.name, s)
+        for p in files
+        for s in (
+            "AcctKEY0secret",
+            "ApiKEY1secret",
+            "BearerTOKEN2secret",
+            "SasSIG3secret",
+            "BEARER4secret",
+            "PassWORD5secret",
+        )
+        if s.encode() in p.read_bytes()
+    }
     assert leaked == set()
 
 
 @pytest.mark.slow
 def test_killing_a_joblib_sweep_stops_its_workers(tmp_path: Path):
-    args = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.filters=[4],[8]",
-            "trainer.max_epochs=200", "data.per_class=24")  # fmt: skip
+    args = (
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model.filters=[4],[8]",
+        "trainer.max_epochs=200",
+        "data.per_class=24",
+    )
     proc = sweep(*args, cwd=tmp_path, wait=False)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     deadline = time.time() + 240

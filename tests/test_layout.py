@@ -24,3 +24,16 @@ def test_layering_contract_is_kept():
 def test_ruff_check_is_clean():
     result = run_tool("ruff", "check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_owns_the_layout():
+    result = run_tool("ruff", "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+    marked = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in ROOT.glob("**/*.py")
+        if ".git" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "fmt: " + "skip" in line or "fmt: " + "off" in line
+    ]
+    assert marked == []

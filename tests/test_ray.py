@@ -48,11 +48,14 @@ def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 80 * MB, "include_dashboard": False,
-                        # a lost node is noticed in ~2 s instead of ~15 s
-                        "_system_config": {"health_check_period_ms": 500,
-                                           "health_check_failure_threshold": 3}},
-    )  # fmt: skip
+        head_node_args={
+            "num_cpus": 1,
+            "object_store_memory": 80 * MB,
+            "include_dashboard": False,
+            # a lost node is noticed in ~2 s instead of ~15 s
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
+        },
+    )
     yield c
     c.shutdown()
     for key, value in saved.items():
@@ -95,8 +98,9 @@ def ray_sweep(*args: str, cwd: Path, wait: bool = True):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=ray", *FAST, *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -104,17 +108,19 @@ def parent_and_children(client: MlflowClient, experiment: str):
     exp = client.get_experiment_by_name(experiment).experiment_id
     [parent] = client.search_runs([exp], "tags.`equip.sweep_key` != ''")
     children = client.search_runs(
-        [exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        [exp],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
-    )  # fmt: skip
+    )
     return parent, children
 
 
 @pytest.mark.slow
 def test_smoke_sweep_runs_on_both_nodes_of_a_ray_cluster(tmp_path, server, cluster, worker):
     address = f"hydra.launcher.ray.init.address={cluster.address}"
-    proc = ray_sweep("sweep=smoke", address, f"tracking.uri={server}", "tracking.experiment=smoke",
-                     cwd=tmp_path)  # fmt: skip
+    proc = ray_sweep(
+        "sweep=smoke", address, f"tracking.uri={server}", "tracking.experiment=smoke", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(server)
     parent, children = parent_and_children(client, "smoke")
@@ -139,10 +145,13 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
 ):
     # 3 jobs on 2 one-CPU nodes: one on each node, one queued until a node is free.
     args = (
-        "model.filters=[4],[8],[4,8]", "trainer.max_epochs=20", "trainer.patience=0",
-        f"hydra.launcher.ray.init.address={cluster.address}", f"tracking.uri={server}",
+        "model.filters=[4],[8],[4,8]",
+        "trainer.max_epochs=20",
+        "trainer.patience=0",
+        f"hydra.launcher.ray.init.address={cluster.address}",
+        f"tracking.uri={server}",
         "tracking.experiment=lost_node",
-    )  # fmt: skip
+    )
     client = MlflowClient(server)
     proc = ray_sweep(*args, cwd=tmp_path, wait=False)
     deadline = time.time() + 120
@@ -153,9 +162,8 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
         with contextlib.suppress(Exception):  # the experiment does not exist yet
             on_worker = client.search_runs(
                 [client.get_experiment_by_name("lost_node").experiment_id],
-                "attributes.status = 'RUNNING' and "
-                f"tags.`equip.ray_node_id` = '{worker.node_id}'",
-            )  # fmt: skip
+                f"attributes.status = 'RUNNING' and tags.`equip.ray_node_id` = '{worker.node_id}'",
+            )
     cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: the machine is gone
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
@@ -183,8 +191,11 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
     assert len(finished) == 3 and len({c.data.tags["equip.config_hash"] for c in finished}) == 3
     assert {c.info.run_id for c in others} <= {c.info.run_id for c in finished}
     assert rerun.stderr.count("already FINISHED as run") == 2
-    redone = next(c for c in finished if c.data.tags["equip.config_hash"]
-                  == lost.data.tags["equip.config_hash"])  # fmt: skip
+    redone = next(
+        c
+        for c in finished
+        if c.data.tags["equip.config_hash"] == lost.data.tags["equip.config_hash"]
+    )
     if redone.info.run_id == lost.info.run_id:  # continued from its last checkpoint (resume)
         assert redone.data.tags["equip.resumed"] == "true"
     else:  # trained again from scratch, on a node still alive
@@ -193,8 +204,9 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
 
 
 def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path: Path):
-    proc = ray_sweep("model.lr=0.001,0.003", "hydra.launcher.ray.init.address=203.0.113.7:6379",
-                     cwd=tmp_path)  # fmt: skip
+    proc = ray_sweep(
+        "model.lr=0.001,0.003", "hydra.launcher.ray.init.address=203.0.113.7:6379", cwd=tmp_path
+    )
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("equip: error: tracking store sqlite:///")

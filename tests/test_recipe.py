@@ -18,8 +18,10 @@ from tests.conftest import make_cfg, parent_and_children, sweep
 def _named_with_duplicates():
     """Synthetic images named as products in two colourways, plus byte-identical copies."""
     images = load_images(make_cfg("data.per_class=12").data)
-    paths = [f"/d/{images.classes[y]}/{1000 + i // 2}x{i % 2}.jpg"
-             for i, y in enumerate(images.labels.tolist())]  # fmt: skip
+    paths = [
+        f"/d/{images.classes[y]}/{1000 + i // 2}x{i % 2}.jpg"
+        for i, y in enumerate(images.labels.tolist())
+    ]
     n = 6  # the first six images again, byte for byte, under other names
     return replace(
         images,
@@ -117,9 +119,14 @@ def test_default_cnn_does_not_lose_to_the_default_baseline_on_symbols(store: str
     from equip.train.run import train
 
     write_arrows(tmp_path / "arrows")
-    data = ["data=folder", f"data.root={tmp_path / 'arrows'}", "data.image_size=32",
-            "data.cache_dir=null", "trainer.progress_bar=false",
-            "tracking.log_model=false"]  # fmt: skip
+    data = [
+        "data=folder",
+        f"data.root={tmp_path / 'arrows'}",
+        "data.image_size=32",
+        "data.cache_dir=null",
+        "trainer.progress_bar=false",
+        "tracking.log_model=false",
+    ]
     base = train(make_cfg(*data, "model=baseline", tiny=False))
     cnn = train(make_cfg(*data, tiny=False))
     assert base["metrics"]["best_val_acc"] > 0.5  # the task is learnable
@@ -143,8 +150,9 @@ def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
     values = [str(f) for f in files[:2]] + [base64.b64encode(files[2].read_bytes()).decode()]
     with pytest.raises(MlflowException, match="file paths are off"):  # as for the CNN's model
         mlflow.pyfunc.load_model(result["model_uri"]).predict(pd.DataFrame({"image": values}))
-    model = mlflow.pyfunc.load_model(result["model_uri"],
-                                     model_config={"image_root": str(tmp_path)})  # fmt: skip
+    model = mlflow.pyfunc.load_model(
+        result["model_uri"], model_config={"image_root": str(tmp_path)}
+    )
     out = model.predict(pd.DataFrame({"image": values}))
     assert list(out.columns[:2]) == ["class", "probability"]
     assert [c.removeprefix("p_") for c in out.columns[2:]] == list(CLASSES)
@@ -159,10 +167,18 @@ def test_baseline_pyfunc_classifies_raw_image_files(store: str, tmp_path):
 
 
 # ---------------------------------------------------------------- the recipe
-RECIPE = ["model.filters=[8,16]", "model.convs_per_block=2", "model.residual=true",
-          "model.batch_norm=true", "model.head=gap", "model.label_smoothing=0.1",
-          "data.augment.rotation=10", "data.augment.translate=0.1", "data.augment.erasing=0.5",
-          "tracking.log_model=false"]  # fmt: skip
+RECIPE = [
+    "model.filters=[8,16]",
+    "model.convs_per_block=2",
+    "model.residual=true",
+    "model.batch_norm=true",
+    "model.head=gap",
+    "model.label_smoothing=0.1",
+    "data.augment.rotation=10",
+    "data.augment.translate=0.1",
+    "data.augment.erasing=0.5",
+    "tracking.log_model=false",
+]
 
 
 def _val_probs(result: dict) -> torch.Tensor:
@@ -219,9 +235,18 @@ def test_precision_auto_trains_in_bf16_only_where_the_hardware_runs_it(store: st
 def test_keep_last_makes_the_last_epoch_the_model_and_its_score(store: str):
     from equip.train.run import train
 
-    runs = {keep: train(make_cfg(f"trainer.keep={keep}", *CV_DATA[:2], *GOOD_CNN,
-                                 "trainer.max_epochs=4", "tracking.log_model=false"))
-            for keep in ("best", "last")}  # fmt: skip
+    runs = {
+        keep: train(
+            make_cfg(
+                f"trainer.keep={keep}",
+                *CV_DATA[:2],
+                *GOOD_CNN,
+                "trainer.max_epochs=4",
+                "tracking.log_model=false",
+            )
+        )
+        for keep in ("best", "last")
+    }
     accs = [h["val_acc"] for h in runs["last"]["history"]]
     assert accs == [h["val_acc"] for h in runs["best"]["history"]]  # the same training
     assert max(accs) > accs[-1]  # (this config's last epoch is not its best)
@@ -252,12 +277,26 @@ def test_recipe_keys_are_checked():
 # ---------------------------------------------------------------- final fit and the CV gate
 # The group pattern has a regex backslash, as real ones do (experiment=gear's '^(\d+)[x_]'):
 # the CV gate must still find the baseline sweep by it.
-CV_DATA = ["data.per_class=20", "data.image_size=40", "data.folds=3",
-           "data.group_pattern='^(\\d+)$'"]  # fmt: skip
-GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
-            "trainer.max_epochs=6", "model.lr=0.003", "trainer.patience=0"]  # fmt: skip
-WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
-                 "model.features=[color_hist]"]  # fmt: skip
+CV_DATA = [
+    "data.per_class=20",
+    "data.image_size=40",
+    "data.folds=3",
+    "data.group_pattern='^(\\d+)$'",
+]
+GOOD_CNN = [
+    "model.filters=[16,32]",
+    "model.batch_norm=true",
+    "model.head=gap",
+    "trainer.max_epochs=6",
+    "model.lr=0.003",
+    "trainer.patience=0",
+]
+WEAK_BASELINE = [
+    "model=baseline",
+    "model.estimator=random_forest",
+    "model.n_estimators=1",
+    "model.features=[color_hist]",
+]
 
 
 def test_search_literals_find_values_with_backslashes_and_quotes(store: str):
@@ -285,14 +324,15 @@ def _cv(*overrides: str) -> tuple[str, list[dict]]:
 
     connect(make_cfg().tracking)
     client = MlflowClient()
-    parent = client.create_run(experiment_id(make_cfg().tracking), run_name="cv",
-                               tags={"equip.swept_keys": "data.fold",
-                                     "equip.sweep_key": "k" + str(len(overrides))})  # fmt: skip
+    parent = client.create_run(
+        experiment_id(make_cfg().tracking),
+        run_name="cv",
+        tags={"equip.swept_keys": "data.fold", "equip.sweep_key": "k" + str(len(overrides))},
+    )
     pid = parent.info.run_id
     results = []
     for k in range(3):
-        job = JobContext(overrides=[f"data.fold={k}"], parent_run_id=pid,
-                         swept_keys=["data.fold"])  # fmt: skip
+        job = JobContext(overrides=[f"data.fold={k}"], parent_run_id=pid, swept_keys=["data.fold"])
         results.append(train(make_cfg(*CV_DATA, *overrides, f"data.fold={k}"), job))
     summarize(pid)
     client.set_terminated(pid)
@@ -324,8 +364,7 @@ def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
     from equip.train.run import train
 
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
-    register = ["final_fit=true", "registry.enabled=true", "registry.gate=cv",
-                "registry.name=gear"]  # fmt: skip
+    register = ["final_fit=true", "registry.enabled=true", "registry.gate=cv", "registry.name=gear"]
     no_cv = train(make_cfg(*data, *GOOD_CNN, *register), [])
     assert not no_cv["registry"]["registered"]
     assert "no complete CV sweep" in no_cv["registry"]["reason"]

@@ -22,11 +22,20 @@ from tests.conftest import GEAR, free_port, make_cfg, write_pngs
 
 # Data on which a CNN learns something in seconds; the same for every run of this module.
 DATA = ["data.per_class=20", "data.image_size=40", "data.val_fraction=0.25"]
-WEAK_BASELINE = ["model=baseline", "model.estimator=random_forest", "model.n_estimators=1",
-                 "model.features=[color_hist]"]  # fmt: skip
+WEAK_BASELINE = [
+    "model=baseline",
+    "model.estimator=random_forest",
+    "model.n_estimators=1",
+    "model.features=[color_hist]",
+]
 STRONG_BASELINE = ["model=baseline", "model.features=[hog,color_hist,pixels]"]
-GOOD_CNN = ["model.filters=[16,32]", "model.batch_norm=true", "model.head=gap",
-            "trainer.max_epochs=8", "model.lr=0.003"]  # fmt: skip
+GOOD_CNN = [
+    "model.filters=[16,32]",
+    "model.batch_norm=true",
+    "model.head=gap",
+    "trainer.max_epochs=8",
+    "model.lr=0.003",
+]
 BAD_CNN = ["model.lr=0.0000001", "trainer.max_epochs=1"]
 REGISTER = ["registry.enabled=true", "registry.name=gear"]
 
@@ -108,24 +117,38 @@ def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
         (tmp_path / "photos" / CLASSES[y]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(im.transpose(1, 2, 0)).save(tmp_path / "photos" / CLASSES[y] / f"{i}.png")
     proc = subprocess.run(
-        [sys.executable, "-m", "equip.predict", f"model={result['run_id']}",
-         f"images={tmp_path / 'photos'}", "output=out.csv"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "equip.predict",
+            f"model={result['run_id']}",
+            f"images={tmp_path / 'photos'}",
+            "output=out.csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracy: " in proc.stdout and "24 image(s)" in proc.stdout
     lines = Path("out.csv").read_text().splitlines()
     assert lines[0].startswith("file,true_class,class,probability,p_axes") and len(lines) == 25
 
-    bad = subprocess.run([sys.executable, "-m", "equip.predict", "model=nope.ckpt", "images=."],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "equip.predict", "model=nope.ckpt", "images=."],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "model=nope.ckpt: no such checkpoint" in bad.stderr
 
 
 def post(port: int, body: dict) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                 data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as answer:
             return answer.status, answer.read().decode()
@@ -139,10 +162,25 @@ def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gear@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/gear@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
+    )
     try:
         [png] = write_pngs(tmp_path / "post", 1)
         body = {
@@ -155,9 +193,10 @@ def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
         while True:
             try:
                 req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=json.dumps(body).encode(),
                     headers={"Content-Type": "application/json"},
-                )  # fmt: skip
+                )
                 answer = json.load(urllib.request.urlopen(req, timeout=30))
                 break
             except OSError:
@@ -177,8 +216,9 @@ def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
             ("%%%not-base64", "row 0: not base64-encoded image bytes"),
             (base64.b64encode(bomb.read_bytes()).decode(), "image 0 has 9000x9000 pixels"),
         ]:
-            status, text = post(port, {"dataframe_split": {"columns": ["image"],
-                                                           "data": [[value]]}})  # fmt: skip
+            status, text = post(
+                port, {"dataframe_split": {"columns": ["image"], "data": [[value]]}}
+            )
             assert status == 400 and expected in text, text
             assert (
                 "Traceback" not in text
@@ -195,8 +235,16 @@ def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
 def test_real_photos_baseline_and_cnn_are_both_logged(store: str):
     data = ["data=folder", f"data.root={GEAR}", "data.image_size=32", "data.cache_dir=cache"]
     base = train(make_cfg(*data, "model=baseline", tiny=False), [])
-    cnn = train(make_cfg(*data, "trainer.max_epochs=2", "trainer.progress_bar=false",
-                         "tracking.log_model=false", tiny=False), [])  # fmt: skip
+    cnn = train(
+        make_cfg(
+            *data,
+            "trainer.max_epochs=2",
+            "trainer.progress_bar=false",
+            "tracking.log_model=false",
+            tiny=False,
+        ),
+        [],
+    )
     client = MlflowClient(store)
     for r in (base, cnn):
         run_ = client.get_run(r["run_id"])

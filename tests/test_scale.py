@@ -30,8 +30,14 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python train.py [-m] TINY ARGS` in a subprocess that imports this checkout."""
     flags = [a for a in args if a.startswith("-")]
     args = tuple(a for a in args if not a.startswith("-"))
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *TINY, *args], cwd=cwd,
-                          env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *flags, *TINY, *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _only_run(tmp_path: Path):
@@ -69,8 +75,10 @@ def test_scaling_knobs_fail_with_one_clear_line(override: str, says: str):
 
 
 def test_cli_says_no_gpu_and_too_many_devices_in_one_line(tmp_path: Path):
-    for arg, says in (("trainer.accelerator=gpu", "no usable GPU"),
-                      (f"trainer.devices={os.cpu_count() + 1}", "CPU processes on")):  # fmt: skip
+    for arg, says in (
+        ("trainer.accelerator=gpu", "no usable GPU"),
+        (f"trainer.devices={os.cpu_count() + 1}", "CPU processes on"),
+    ):
         proc = _cli(arg, "trainer.strategy=ddp", cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr[-2000:]
         # (other lines: warnings of Hydra plugins other checkouts may have installed)
@@ -111,8 +119,14 @@ KILL_AFTER_EPOCH = textwrap.dedent(
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path):
     args = ["trainer.max_epochs=4", "trainer.patience=0", *FAST]
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_EPOCH, "1", *args], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_EPOCH, "1", *args],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     client, run = _only_run(tmp_path)
     assert run.info.status == "RUNNING"  # a SIGKILLed process says nothing
@@ -156,8 +170,12 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp
     client, run = _only_run(tmp_path)
     run_id, m = run.info.run_id, run.data.metrics
     assert run.info.status == "FINISHED" and run.data.params["trainer.devices"] == "2"
-    assert {"checkpoints/best.ckpt", "eval/confusion_matrix.csv", "data/split.csv",
-            "config/config.yaml"} <= artifacts(client, run_id)  # fmt: skip
+    assert {
+        "checkpoints/best.ckpt",
+        "eval/confusion_matrix.csv",
+        "data/split.csv",
+        "config/config.yaml",
+    } <= artifacts(client, run_id)
     assert len(client.search_logged_models([run.info.experiment_id])) == 1
     for key in ("val_acc", "val_loss", "train_loss", "epoch_time_s"):
         assert [h.step for h in client.get_metric_history(run_id, key)] == [0, 1], key
@@ -167,8 +185,9 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp
     best = int(m["best_epoch"])
     val_acc = {h.step: h.value for h in client.get_metric_history(run_id, "val_acc")}[best]
     val_loss = {h.step: h.value for h in client.get_metric_history(run_id, "val_loss")}[best]
-    ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoints/best.ckpt",
-                                               tracking_uri=client.tracking_uri)  # fmt: skip
+    ckpt = mlflow.artifacts.download_artifacts(
+        f"runs:/{run_id}/checkpoints/best.ckpt", tracking_uri=client.tracking_uri
+    )
     model = Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
     images = load_images(make_cfg("data.cache_dir=null").data)
     manifest = Path(client.download_artifacts(run_id, "data/split.csv", str(tmp_path)))
@@ -262,13 +281,28 @@ def _big_cache(cache: Path, per_class: int, size: int) -> int:
 
 def _peak_rss_of_training(tmp_path: Path, cache: Path, per_class: int, size: int) -> int:
     """Peak RSS (bytes) of `train.py` on the cached set, streamed, 8 training batches."""
-    args = [f"data.cache_dir={cache}", "data.ram_budget_mb=0", f"data.per_class={per_class}",
-            f"data.image_size={size}", "data.val_fraction=0.02", "data.batch_size=64",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2",
-            "model.filters=[8]", "trainer.progress_bar=false", *FAST]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    args = [
+        f"data.cache_dir={cache}",
+        "data.ram_budget_mb=0",
+        f"data.per_class={per_class}",
+        f"data.image_size={size}",
+        "data.val_fraction=0.02",
+        "data.batch_size=64",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=8",
+        "trainer.limit_val_batches=2",
+        "model.filters=[8]",
+        "trainer.progress_bar=false",
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     err = proc.stderr.read() if proc.stderr else ""
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the test's
     assert os.waitstatus_to_exitcode(status) == 0, err[-3000:]
@@ -296,19 +330,25 @@ def test_data_larger_than_the_ram_budget_trains_with_bounded_rss(tmp_path: Path)
 def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: Path):
     from tests.conftest import FAST as SWEEP_FAST
 
-    args = ["model.filters=[4],[8]", "trainer.max_epochs=6", "trainer.patience=0",
-            "data.image_size=48"]  # fmt: skip
+    args = [
+        "model.filters=[4],[8]",
+        "trainer.max_epochs=6",
+        "trainer.patience=0",
+        "data.image_size=48",
+    ]
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *SWEEP_FAST, *args]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     cut = None
     while cut is None:  # kill the sweep once its first job has 2 of 6 epochs and a checkpoint
         assert proc.poll() is None, "the sweep ended before it could be cut off"
         time.sleep(0.1)
         try:
-            running = client.search_runs(["1"], "attributes.status = 'RUNNING' and "
-                                         "tags.mlflow.parentRunId != ''")  # fmt: skip
+            running = client.search_runs(
+                ["1"], "attributes.status = 'RUNNING' and tags.mlflow.parentRunId != ''"
+            )
         except Exception:  # tables still being created
             continue
         for r in running:
@@ -321,8 +361,9 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
         pytest.skip("the job finished between the poll and the kill")
     logged = len(client.get_metric_history(cut, "val_acc"))
 
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    rerun = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     run = client.get_run(cut)
     assert run.info.status == "FINISHED" and run.data.tags["equip.resumed"] == "true"

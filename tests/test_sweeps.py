@@ -29,15 +29,22 @@ def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path):
     assert tags["equip.best_run_id"] in {c.info.run_id for c in children}
     assert parent.data.metrics["jobs_finished"] == 4 and parent.data.metrics["jobs_failed"] == 0
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
-    assert {"sweep/leaderboard.csv", "sweep/leaderboard.md", "sweep/leaderboard.html",
-            "sweep/parallel.png"} <= names  # fmt: skip
+    assert {
+        "sweep/leaderboard.csv",
+        "sweep/leaderboard.md",
+        "sweep/leaderboard.html",
+        "sweep/parallel.png",
+    } <= names
     assert "rank" in proc.stdout and "filters=8-16 lr=0.01" in proc.stdout
 
     report = subprocess.run(
         [sys.executable, "-m", "equip.leaderboard", "latest"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-    )  # fmt: skip
+    )
     assert report.returncode == 0, report.stderr
     assert parent.info.run_id in report.stdout and report.stdout.count("FINISHED") == 4
 
@@ -132,12 +139,15 @@ def test_joblib_with_two_workers_loses_nothing_over_http(tmp_path: Path, mlflow_
 
 def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
     proc = sweep(
-        "model.lr=0.001,0.00000001", "data.per_class=24", "trainer.max_epochs=4",
+        "model.lr=0.001,0.00000001",
+        "data.per_class=24",
+        "trainer.max_epochs=4",
         "trainer.monitor=val_loss",
         "multirun.median_stop.enabled=true",
-        "multirun.median_stop.after_epochs=2", "multirun.median_stop.min_finished=1",
+        "multirun.median_stop.after_epochs=2",
+        "multirun.median_stop.min_finished=1",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     good, hopeless = children
@@ -168,8 +178,9 @@ def test_baseline_grids_are_validated_and_run(tmp_path: Path):
 
 
 def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path):
-    proc = sweep("sweep=learning_rate", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
-                 cwd=tmp_path)  # fmt: skip
+    proc = sweep(
+        "sweep=learning_rate", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert "Optuna" in parent.data.tags["equip.sweeper"]
@@ -180,8 +191,9 @@ def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path):
 
 def test_a_failing_optuna_trial_does_not_stop_the_study(tmp_path: Path):
     # val_fraction=0.01 leaves classes without validation images: every trial fails at the split.
-    proc = sweep("sweep=learning_rate", "hydra.sweeper.n_trials=2", "data.val_fraction=0.01",
-                 cwd=tmp_path)  # fmt: skip
+    proc = sweep(
+        "sweep=learning_rate", "hydra.sweeper.n_trials=2", "data.val_fraction=0.01", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FAILED", "FAILED"]

@@ -125,9 +125,10 @@ def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
     runs = client.search_runs(
-        ["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        ["1"],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
-    )  # fmt: skip
+    )
     assert [r.info.run_name for r in runs] == ["filters=8 lr=0.001", "filters=8-16 lr=0.001"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert [r.data.tags["equip.data_source"] for r in runs] == ["decoded", "memory"]

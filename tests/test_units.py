@@ -19,9 +19,19 @@ from tests.conftest import make_cfg
 def test_run_names_say_what_distinguishes_a_run():
     cfg = make_cfg("model.filters=[8,16]", "model.lr=0.003")
     assert run_name(cfg, ["model.lr=0.003"]) == "filters=8-16 lr=0.003"
-    assert (run_name(cfg, ["model.batch_norm=true", "tracking.uri=x", "hydra/launcher=joblib",
-                           "trainer.progress_bar=false", "multirun.resume=false"])
-            == "filters=8-16 lr=0.003 batch_norm=true")  # fmt: skip
+    assert (
+        run_name(
+            cfg,
+            [
+                "model.batch_norm=true",
+                "tracking.uri=x",
+                "hydra/launcher=joblib",
+                "trainer.progress_bar=false",
+                "multirun.resume=false",
+            ],
+        )
+        == "filters=8-16 lr=0.003 batch_norm=true"
+    )
     assert run_name(cfg, ["data.root=/a/b/gear_images"]).endswith("root=gear_images")
     assert run_name(cfg, ["model.lr=0.0012520653814999472"]).endswith("lr=0.00125")
     base = make_cfg("model=baseline", "model.estimator=svm")
@@ -29,8 +39,11 @@ def test_run_names_say_what_distinguishes_a_run():
 
 
 def test_a_sweep_job_is_named_by_its_swept_values_only():
-    job = JobContext(overrides=["model.lr=0.01", "data.image_size=32", "model.filters=[8]"],
-                     parent_run_id="p", swept_keys=["model.lr", "model.filters"])  # fmt: skip
+    job = JobContext(
+        overrides=["model.lr=0.01", "data.image_size=32", "model.filters=[8]"],
+        parent_run_id="p",
+        swept_keys=["model.lr", "model.filters"],
+    )
     assert job.name_overrides() == ["model.lr=0.01", "model.filters=[8]"]
     assert JobContext(overrides=["a=1"]).name_overrides() == ["a=1"]
     assert swept_overrides(["+x.y=1", "z=2"], ["x.y"]) == ["+x.y=1"]
@@ -81,8 +94,12 @@ def test_plain_config_keys_are_not_mistaken_for_secrets():
 
 def test_identity_ignores_where_and_how_a_run_is_recorded():
     a = make_cfg()
-    b = make_cfg("tracking.experiment=other", "trainer.progress_bar=true", "multirun.resume=false",
-                 "registry.name=x")  # fmt: skip
+    b = make_cfg(
+        "tracking.experiment=other",
+        "trainer.progress_bar=true",
+        "multirun.resume=false",
+        "registry.name=x",
+    )
     assert config_hash(a, "fp") == config_hash(b, "fp")
     assert config_hash(a, "fp") != config_hash(make_cfg("model.lr=0.1"), "fp")
     assert config_hash(a, "fp") != config_hash(a, "other data")
@@ -90,15 +107,22 @@ def test_identity_ignores_where_and_how_a_run_is_recorded():
 
 
 def sweep_config(*task: str, params: dict | None = None):
-    return OmegaConf.create({
-        "tracking": {"experiment": "equip"},
-        "hydra": {"overrides": {"task": list(task)}, "sweeper": {"params": params or {}}},
-    })  # fmt: skip
+    return OmegaConf.create(
+        {
+            "tracking": {"experiment": "equip"},
+            "hydra": {"overrides": {"task": list(task)}, "sweeper": {"params": params or {}}},
+        }
+    )
 
 
 def test_swept_keys_points_and_names():
-    cfg = sweep_config("model.filters=[8],[8,16]", "model.lr=0.1,0.2", "data.image_size=32",
-                       "sweep=smoke", params={"model.kernel_sizes": "3,5"})  # fmt: skip
+    cfg = sweep_config(
+        "model.filters=[8],[8,16]",
+        "model.lr=0.1,0.2",
+        "data.image_size=32",
+        "sweep=smoke",
+        params={"model.kernel_sizes": "3,5"},
+    )
     assert swept_keys(cfg) == ["model.kernel_sizes", "model.filters", "model.lr"]
     points = sweep_points(cfg)
     assert len(points) == 8 and points[0] == [
@@ -115,20 +139,33 @@ def test_swept_keys_points_and_names():
 
 def test_sweep_key_ignores_launch_and_tracking_settings():
     a = sweep_config("model.lr=0.1,0.2")
-    b = sweep_config("model.lr=0.1,0.2", "hydra/launcher=joblib", "tracking.uri=http://x",
-                     "hydra.launcher.n_jobs=2")  # fmt: skip
+    b = sweep_config(
+        "model.lr=0.1,0.2",
+        "hydra/launcher=joblib",
+        "tracking.uri=http://x",
+        "hydra.launcher.n_jobs=2",
+    )
     assert sweep_key(a) == sweep_key(b) != sweep_key(sweep_config("model.lr=0.1,0.3"))
 
 
 def row(name: str, status: str, acc: float | None, config: str | None = None) -> dict:
-    return {"run_name": name, "status": status, "best_val_acc": acc, "best_val_loss": acc,
-            "config_hash": config or name}  # fmt: skip
+    return {
+        "run_name": name,
+        "status": status,
+        "best_val_acc": acc,
+        "best_val_loss": acc,
+        "config_hash": config or name,
+    }
 
 
 def test_leaderboard_ranks_finished_best_first_and_keeps_one_attempt_per_config():
-    rows = [row("a", "FINISHED", 0.5), row("b", "FAILED", None), row("c", "FINISHED", 0.9),
-            row("c-retry", "FAILED", None, config="c"),
-            row("d", "FINISHED", float("nan"))]  # fmt: skip
+    rows = [
+        row("a", "FINISHED", 0.5),
+        row("b", "FAILED", None),
+        row("c", "FINISHED", 0.9),
+        row("c-retry", "FAILED", None, config="c"),
+        row("d", "FINISHED", float("nan")),
+    ]
     ranked = rank(rows, "val_acc")
     assert [r["run_name"] for r in ranked][:2] == ["c", "a"]
     assert "c-retry" not in [r["run_name"] for r in ranked]
@@ -138,10 +175,19 @@ def test_leaderboard_ranks_finished_best_first_and_keeps_one_attempt_per_config(
 
 
 def test_old_spellings_still_work_with_a_note(capsys):
-    argv = ["register=true", "sweep.resume=false", "+sweep.median_stop.enabled=true",
-            "trainer.monitor_mode=min", "sweep=smoke", "model.lr=0.1"]  # fmt: skip
-    assert upgrade_argv(argv) == ["registry.enabled=true", "multirun.resume=false",
-                                  "multirun.median_stop.enabled=true", "sweep=smoke",
-                                  "model.lr=0.1"]  # fmt: skip
+    argv = [
+        "register=true",
+        "sweep.resume=false",
+        "+sweep.median_stop.enabled=true",
+        "trainer.monitor_mode=min",
+        "sweep=smoke",
+        "model.lr=0.1",
+    ]
+    assert upgrade_argv(argv) == [
+        "registry.enabled=true",
+        "multirun.resume=false",
+        "multirun.median_stop.enabled=true",
+        "sweep=smoke",
+        "model.lr=0.1",
+    ]
     assert capsys.readouterr().err.count("equip: note:") == 4
-

@@ -21,12 +21,14 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
     """The best FINISHED baseline run on the same data fingerprint and the same split."""
     d = cfg.data
     pattern = schema.literal("null" if d.group_pattern is None else str(d.group_pattern))
-    same_split = (f"params.`data.split_seed` = '{d.split_seed}' and "
-                  f"params.`data.val_fraction` = '{d.val_fraction}' and "
-                  f"params.`data.test_fraction` = '{d.test_fraction}' and "
-                  f"params.`data.group_pattern` = {pattern} and "
-                  f"params.`data.folds` = '{_param(d.folds)}' and "
-                  f"params.`data.fold` = '{d.fold}'")  # fmt: skip
+    same_split = (
+        f"params.`data.split_seed` = '{d.split_seed}' and "
+        f"params.`data.val_fraction` = '{d.val_fraction}' and "
+        f"params.`data.test_fraction` = '{d.test_fraction}' and "
+        f"params.`data.group_pattern` = {pattern} and "
+        f"params.`data.folds` = '{_param(d.folds)}' and "
+        f"params.`data.fold` = '{d.fold}'"
+    )
     runs = client.search_runs(
         [experiment_id],
         f"params.`model.name` = 'baseline' and tags.`{schema.DATA_FINGERPRINT}` = '{fingerprint}' "
@@ -42,9 +44,13 @@ def _param(value) -> str:
 
 
 def register_if_better(
-    run_id: str, model_uri: str, cfg: DictConfig, fingerprint: str, score: float,
+    run_id: str,
+    model_uri: str,
+    cfg: DictConfig,
+    fingerprint: str,
+    score: float,
     cv_key: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Register the run's model when it beats the baseline; record the decision on the run.
 
     registry.gate=holdout compares `score` with the best baseline run on the same split;
@@ -65,9 +71,13 @@ def register_if_better(
     decision: dict[str, Any] = {"registered": False, "score": score, "reason": gate["reason"]}
     if not gate["passed"]:
         return _record(client, run_id, decision)
-    tags = {"equip.run_id": run_id, f"equip.{reg.metric}": f"{score:.6f}",
-            "equip.data_fingerprint": fingerprint, "equip.gate": str(reg.gate),
-            **gate.get("tags", {})}  # fmt: skip
+    tags = {
+        "equip.run_id": run_id,
+        f"equip.{reg.metric}": f"{score:.6f}",
+        "equip.data_fingerprint": fingerprint,
+        "equip.gate": str(reg.gate),
+        **gate.get("tags", {}),
+    }
     import mlflow
 
     version = mlflow.register_model(model_uri, reg.name, tags=tags).version
@@ -87,29 +97,41 @@ def register_if_better(
     return _record(client, run_id, decision)
 
 
-def _holdout_gate(client, experiment_id: str, cfg: DictConfig, fingerprint: str,
-                  score: float) -> dict[str, Any]:  # fmt: skip
+def _holdout_gate(
+    client, experiment_id: str, cfg: DictConfig, fingerprint: str, score: float
+) -> dict[str, Any]:
     reg = cfg.registry
     baseline = best_baseline(client, experiment_id, cfg, fingerprint)
     if baseline is None:
-        reason = (f"no baseline run on data fingerprint {fingerprint} with this split; run "
-                  "`python train.py model=baseline` with the same data settings first, or set "
-                  "registry.require_baseline=false")  # fmt: skip
+        reason = (
+            f"no baseline run on data fingerprint {fingerprint} with this split; run "
+            "`python train.py model=baseline` with the same data settings first, or set "
+            "registry.require_baseline=false"
+        )
         if reg.require_baseline:
             return {"passed": False, "reason": reason}
         return {"passed": True, "reason": "registered without a baseline"}
     base_score = baseline.data.metrics.get(reg.metric, float("-inf"))
     if not score > base_score:
-        return {"passed": False, "reason": f"{reg.metric} {score:.4f} does not beat the "
-                f"baseline's {base_score:.4f} (run {baseline.info.run_id})"}  # fmt: skip
-    return {"passed": True, "reason": "beats the baseline",
-            "tags": {"equip.baseline_run_id": baseline.info.run_id,
-                     f"equip.baseline_{reg.metric}": f"{base_score:.6f}",
-                     "equip.margin": f"{score - base_score:.6f}"}}  # fmt: skip
+        return {
+            "passed": False,
+            "reason": f"{reg.metric} {score:.4f} does not beat the "
+            f"baseline's {base_score:.4f} (run {baseline.info.run_id})",
+        }
+    return {
+        "passed": True,
+        "reason": "beats the baseline",
+        "tags": {
+            "equip.baseline_run_id": baseline.info.run_id,
+            f"equip.baseline_{reg.metric}": f"{base_score:.6f}",
+            "equip.margin": f"{score - base_score:.6f}",
+        },
+    }
 
 
-def _cv_gate(client, experiment_id: str, cfg: DictConfig, fingerprint: str,
-             cv_key: str) -> dict[str, Any]:  # fmt: skip
+def _cv_gate(
+    client, experiment_id: str, cfg: DictConfig, fingerprint: str, cv_key: str
+) -> dict[str, Any]:
     """Pass when the config's CV beats the baseline's on the same folds by >= 2 standard errors
     of the mean paired difference (the folds share their val images, so pair them)."""
     from equip.sweep.crossval import baseline_cv, config_cv, paired_difference
@@ -117,30 +139,42 @@ def _cv_gate(client, experiment_id: str, cfg: DictConfig, fingerprint: str,
     reg = cfg.registry
     model = config_cv(client, experiment_id, cv_key, reg.metric)
     if model is None:
-        return {"passed": False, "reason": "registry.gate=cv: no complete CV sweep of this "
-                "config on this data; run `python train.py -m sweep=cv` with the same "
-                "overrides first"}  # fmt: skip
+        return {
+            "passed": False,
+            "reason": "registry.gate=cv: no complete CV sweep of this "
+            "config on this data; run `python train.py -m sweep=cv` with the same "
+            "overrides first",
+        }
     base = baseline_cv(client, experiment_id, fingerprint, model, reg.metric)
     if base is None:
-        reason = (f"registry.gate=cv: no baseline CV on data {fingerprint} with the same "
-                  f"{model.folds} folds; run `python train.py -m sweep=cv model=baseline` with "
-                  "the same data settings first")  # fmt: skip
+        reason = (
+            f"registry.gate=cv: no baseline CV on data {fingerprint} with the same "
+            f"{model.folds} folds; run `python train.py -m sweep=cv model=baseline` with "
+            "the same data settings first"
+        )
         if reg.require_baseline:
             return {"passed": False, "reason": reason, "score": model.mean}
         return {"passed": True, "reason": "registered without a baseline", "score": model.mean}
     d = paired_difference(model, base)
-    text = (f"CV {reg.metric} {model.mean:.4f} vs baseline {base.mean:.4f}: mean paired "
-            f"difference {d['mean_diff']:+.4f}, standard error {d['se']:.4f} over "
-            f"{d['folds']:.0f} folds")  # fmt: skip
+    text = (
+        f"CV {reg.metric} {model.mean:.4f} vs baseline {base.mean:.4f}: mean paired "
+        f"difference {d['mean_diff']:+.4f}, standard error {d['se']:.4f} over "
+        f"{d['folds']:.0f} folds"
+    )
     passed = d["mean_diff"] > 0 and d["mean_diff"] >= 2 * d["se"]
-    return {"passed": passed, "score": model.mean,
-            "reason": f"{text}: {'beats' if passed else 'does not beat'} the baseline by "
-                      "2 standard errors",
-            "tags": {"equip.cv_parent_run_id": model.parent_id,
-                     "equip.baseline_cv_parent_run_id": base.parent_id,
-                     f"equip.baseline_{reg.metric}": f"{base.mean:.6f}",
-                     "equip.margin": f"{d['mean_diff']:.6f}",
-                     "equip.margin_se": f"{d['se']:.6f}"}}  # fmt: skip
+    return {
+        "passed": passed,
+        "score": model.mean,
+        "reason": f"{text}: {'beats' if passed else 'does not beat'} the baseline by "
+        "2 standard errors",
+        "tags": {
+            "equip.cv_parent_run_id": model.parent_id,
+            "equip.baseline_cv_parent_run_id": base.parent_id,
+            f"equip.baseline_{reg.metric}": f"{base.mean:.6f}",
+            "equip.margin": f"{d['mean_diff']:.6f}",
+            "equip.margin_se": f"{d['se']:.6f}",
+        },
+    }
 
 
 def _tagged_champions(client, reg: DictConfig) -> list:
@@ -164,8 +198,11 @@ def _champion_score(client, reg: DictConfig) -> float | None:
 
 
 def _record(client, run_id: str, decision: dict[str, Any]) -> dict[str, Any]:
-    client.set_tag(run_id, schema.REGISTRY_DECISION,
-                   "registered" if decision["registered"] else "not registered")  # fmt: skip
+    client.set_tag(
+        run_id,
+        schema.REGISTRY_DECISION,
+        "registered" if decision["registered"] else "not registered",
+    )
     client.set_tag(run_id, schema.REGISTRY_REASON, schema.truncate(decision["reason"]))
     if decision.get("version"):
         client.set_tag(run_id, schema.REGISTRY_VERSION, decision["version"])

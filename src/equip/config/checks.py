@@ -30,8 +30,17 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # What is tested. ddp_spawn is left out: it trains in spawned copies, so the run's callbacks in
 # this process never see the result; fsdp/deepspeed are untested here.
 STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
-PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
-              "64-true", "64")  # fmt: skip
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "32",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "64",
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -40,51 +49,71 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.name == "baseline":
         check_baseline(cfg.model)
         if cfg.registry.enabled:
-            raise EquipError("registry.enabled=true registers a CNN that beats the baseline, "
-                             "the reference itself. Drop registry.enabled=true.")  # fmt: skip
+            raise EquipError(
+                "registry.enabled=true registers a CNN that beats the baseline, "
+                "the reference itself. Drop registry.enabled=true."
+            )
     else:
         check_model(cfg.model, cfg.data.image_size)
         check_trainer(cfg.trainer)
     _integer(cfg, "seed")
     if _flag(cfg, "final_fit"):
         if cfg.model.name == "baseline":
-            raise EquipError("final_fit=true retrains a CNN on every image; the baseline is "
-                             "fitted in seconds on any split: drop final_fit=true.")  # fmt: skip
+            raise EquipError(
+                "final_fit=true retrains a CNN on every image; the baseline is "
+                "fitted in seconds on any split: drop final_fit=true."
+            )
         if cfg.data.folds is not None:
-            raise EquipError(f"final_fit=true trains on every image: drop data.folds="
-                             f"{cfg.data.folds} (its CV sweep gives the score).")  # fmt: skip
+            raise EquipError(
+                f"final_fit=true trains on every image: drop data.folds="
+                f"{cfg.data.folds} (its CV sweep gives the score)."
+            )
         if cfg.trainer.strategy != "auto" and cfg.trainer.keep != "last":
             # only rank 0 reads the folds' epochs from MLflow; the other ranks must agree
-            raise EquipError("final_fit=true with trainer.strategy=ddp needs trainer.keep=last "
-                             "(every rank trains trainer.max_epochs).")  # fmt: skip
+            raise EquipError(
+                "final_fit=true with trainer.strategy=ddp needs trainer.keep=last "
+                "(every rank trains trainer.max_epochs)."
+            )
     _choice(cfg.registry, "gate", ("holdout", "cv"), "registry")
     if cfg.registry.enabled and cfg.registry.gate == "cv" and cfg.data.folds is not None:
-        raise EquipError("registry.gate=cv registers a model trained outside the CV sweep: "
-                         "drop data.folds and use final_fit=true.")  # fmt: skip
+        raise EquipError(
+            "registry.gate=cv registers a model trained outside the CV sweep: "
+            "drop data.folds and use final_fit=true."
+        )
     if cfg.registry.enabled and cfg.final_fit and cfg.registry.gate != "cv":
-        raise EquipError("final_fit=true has no validation score to compare: use "
-                         "registry.gate=cv with registry.enabled=true.")  # fmt: skip
+        raise EquipError(
+            "final_fit=true has no validation score to compare: use "
+            "registry.gate=cv with registry.enabled=true."
+        )
     if cfg.resume is not None:
         if cfg.model.name == "baseline":
-            raise EquipError("resume= continues a CNN run from its checkpoint; the baseline "
-                             "trains in one go. Drop resume=.")  # fmt: skip
+            raise EquipError(
+                "resume= continues a CNN run from its checkpoint; the baseline "
+                "trains in one go. Drop resume=."
+            )
         if not cfg.data.cache_dir:
-            raise EquipError("resume= needs data.cache_dir, where runs keep their last "
-                             "checkpoint. Set it back (default .cache/equip).")  # fmt: skip
+            raise EquipError(
+                "resume= needs data.cache_dir, where runs keep their last "
+                "checkpoint. Set it back (default .cache/equip)."
+            )
     if cfg.registry.enabled:
         if not cfg.tracking.log_model:
-            raise EquipError("registry.enabled=true needs the model logged: drop "
-                             "tracking.log_model=false.")  # fmt: skip
+            raise EquipError(
+                "registry.enabled=true needs the model logged: drop tracking.log_model=false."
+            )
         if cfg.registry.metric not in ("best_val_acc", "best_val_macro_f1"):
-            raise EquipError(f"registry.metric={cfg.registry.metric!r} must be best_val_acc or "
-                             "best_val_macro_f1 (higher is better).")  # fmt: skip
+            raise EquipError(
+                f"registry.metric={cfg.registry.metric!r} must be best_val_acc or "
+                "best_val_macro_f1 (higher is better)."
+            )
 
 
 # ---------------------------------------------------------------- typed values
 def _value(cfg: DictConfig, key: str) -> Any:
     if OmegaConf.is_missing(cfg, key):
-        raise EquipError(f"{_full(cfg, key)} is required: set it on the command line "
-                         f"({_full(cfg, key)}=...).")  # fmt: skip
+        raise EquipError(
+            f"{_full(cfg, key)} is required: set it on the command line ({_full(cfg, key)}=...)."
+        )
     return cfg[key]
 
 
@@ -145,14 +174,18 @@ def check_data(d: DictConfig) -> None:
         try:
             re.compile(str(d.group_pattern))
         except re.error as e:
-            raise EquipError(f"data.group_pattern={d.group_pattern!r} is not a valid regex: {e}. "
-                             r"Example: '^(\d+)[x_]'.") from None  # fmt: skip
+            raise EquipError(
+                f"data.group_pattern={d.group_pattern!r} is not a valid regex: {e}. "
+                r"Example: '^(\d+)[x_]'."
+            ) from None
     if d.folds is not None:
         folds = _integer(d, "folds", 2, 100)
         _integer(d, "fold", 0, folds - 1)
         if d.test_fraction:
-            raise EquipError(f"data.test_fraction={d.test_fraction} with data.folds={folds}: "
-                             "each image is validated once; set data.test_fraction=0.")  # fmt: skip
+            raise EquipError(
+                f"data.test_fraction={d.test_fraction} with data.folds={folds}: "
+                "each image is validated once; set data.test_fraction=0."
+            )
     a = d.augment
     if a.crop_scale is not None and not 0 < _number(a, "crop_scale") <= 1:
         raise EquipError(f"data.augment.crop_scale={a.crop_scale} must be in (0, 1], or null.")
@@ -169,8 +202,10 @@ def check_data(d: DictConfig) -> None:
         _integer(d, "generator_seed")
     else:
         if OmegaConf.is_missing(d, "root") or not d.root:
-            raise EquipError("data=folder needs data.root=PATH: a folder with one sub-folder of "
-                             "images per class.")  # fmt: skip
+            raise EquipError(
+                "data=folder needs data.root=PATH: a folder with one sub-folder of "
+                "images per class."
+            )
 
 
 def check_decoded_size(n_images: int, image_size: int, cache_dir: str | None, count: str) -> None:
@@ -190,10 +225,12 @@ def check_decoded_size(n_images: int, image_size: int, cache_dir: str | None, co
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         place = "RAM (data.cache_dir=null)"
     if need > free:
-        raise EquipError(f"{count} with data.image_size={image_size}: {n_images} decoded images "
-                         f"need {need / 2**30:.1f} GiB but {place} has {free / 2**30:.1f} GiB "
-                         f"free. Lower data.image_size or {count.split('=')[0]}, or point "
-                         "data.cache_dir at a bigger disk.")  # fmt: skip
+        raise EquipError(
+            f"{count} with data.image_size={image_size}: {n_images} decoded images "
+            f"need {need / 2**30:.1f} GiB but {place} has {free / 2**30:.1f} GiB "
+            f"free. Lower data.image_size or {count.split('=')[0]}, or point "
+            "data.cache_dir at a bigger disk."
+        )
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -215,8 +252,9 @@ def kernel_sizes(m: Mapping) -> list[int]:
 def check_model(m: Mapping, image_size: int) -> None:
     """Raise EquipError naming the key for any architecture that cannot be built or trained."""
     filters = list(m["filters"])
-    if not filters or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0
-                              for f in filters):  # fmt: skip
+    if not filters or not all(
+        isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in filters
+    ):
         raise EquipError(
             f"model.filters={filters} must be a non-empty list of positive ints, e.g. [32,64]."
         )
@@ -232,9 +270,13 @@ def check_model(m: Mapping, image_size: int) -> None:
     elif not all(isinstance(k, int) for k in ks):
         raise EquipError(f"model.kernel_sizes={list(ks)} must be ints.")
     for key, allowed in (
-        ("pool", POOLS), ("activation", ACTIVATIONS), ("head", HEADS),
-        ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("tta", TTAS),
-    ):  # fmt: skip
+        ("pool", POOLS),
+        ("activation", ACTIVATIONS),
+        ("head", HEADS),
+        ("optimizer", OPTIMIZERS),
+        ("scheduler", SCHEDULERS),
+        ("tta", TTAS),
+    ):
         _choice(m, key, allowed, "model")
     check_recipe(m)
     for key in ("lr", "weight_decay", "dropout"):
@@ -281,8 +323,9 @@ def check_recipe(m: Mapping) -> None:
     if isinstance(ls, bool) or not isinstance(ls, int | float) or not 0 <= ls < 1:
         raise EquipError(f"model.label_smoothing={ls!r} must be in [0, 1), e.g. 0.1.")
     ema = m["ema_decay"]
-    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float)
-                            or not 0 < ema < 1):  # fmt: skip
+    if ema is not None and (
+        isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1
+    ):
         raise EquipError(f"model.ema_decay={ema!r} must be in (0, 1), e.g. 0.99, or null (off).")
 
 
@@ -290,8 +333,10 @@ def check_baseline(m: Mapping[str, Any]) -> None:
     _choice(m, "estimator", ESTIMATORS, "model")
     features = m["features"]
     if isinstance(features, str) or not features or any(f not in FEATURES for f in features):
-        raise EquipError(f"model.features={features}: use a non-empty list of "
-                         f"{', '.join(FEATURES)}, e.g. model.features=[hog,pixels].")  # fmt: skip
+        raise EquipError(
+            f"model.features={features}: use a non-empty list of "
+            f"{', '.join(FEATURES)}, e.g. model.features=[hog,pixels]."
+        )
     for key, low in (("pixels_size", 2), ("n_estimators", 1)):
         if isinstance(m[key], bool) or not isinstance(m[key], int) or m[key] < low:
             raise EquipError(f"model.{key}={m[key]!r} must be a whole number >= {low}.")
@@ -306,32 +351,42 @@ def check_trainer(t: DictConfig) -> None:
     for key in ("limit_train_batches", "limit_val_batches"):
         if isinstance(t[key], float):
             if not 0 < t[key] <= 1:
-                raise EquipError(f"trainer.{key}={t[key]} must be a fraction in (0, 1] of the "
-                                 "batches, or a whole number of batches >= 1.")  # fmt: skip
+                raise EquipError(
+                    f"trainer.{key}={t[key]} must be a fraction in (0, 1] of the "
+                    "batches, or a whole number of batches >= 1."
+                )
         else:
             _integer(t, key, 1)
     _flag(t, "progress_bar")
     if t.monitor not in schema.MONITOR_MODES:
-        raise EquipError(f"trainer.monitor={t.monitor!r} is not one of: "
-                         f"{', '.join(sorted(schema.MONITOR_MODES))}.")  # fmt: skip
+        raise EquipError(
+            f"trainer.monitor={t.monitor!r} is not one of: "
+            f"{', '.join(sorted(schema.MONITOR_MODES))}."
+        )
     _choice(t, "keep", ("best", "last"), "trainer")
     _choice(t, "accelerator", ACCELERATORS, "trainer")
     _choice(t, "strategy", STRATEGIES, "trainer")
     if str(t.precision) not in PRECISIONS:
-        raise EquipError(f"trainer.precision={t.precision!r} is not one of: "
-                         f"{', '.join(PRECISIONS)}.")  # fmt: skip
+        raise EquipError(
+            f"trainer.precision={t.precision!r} is not one of: {', '.join(PRECISIONS)}."
+        )
     devices = t.devices
-    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int)
-                              or devices < 1):  # fmt: skip
-        raise EquipError(f"trainer.devices={devices!r} must be a whole number >= 1 or auto "
-                         "(device lists are not supported: set CUDA_VISIBLE_DEVICES).")  # fmt: skip
+    if devices != "auto" and (
+        isinstance(devices, bool) or not isinstance(devices, int) or devices < 1
+    ):
+        raise EquipError(
+            f"trainer.devices={devices!r} must be a whole number >= 1 or auto "
+            "(device lists are not supported: set CUDA_VISIBLE_DEVICES)."
+        )
     _integer(t, "num_nodes", 1)
     _integer(t, "accumulate_grad_batches", 1)
     if t.gradient_clip_val is not None:
         _number(t, "gradient_clip_val", 0)
     if t.strategy == "auto" and t.num_nodes > 1:
-        raise EquipError(f"trainer.num_nodes={t.num_nodes} needs trainer.strategy=ddp (one "
-                         "process per device on every node).")  # fmt: skip
+        raise EquipError(
+            f"trainer.num_nodes={t.num_nodes} needs trainer.strategy=ddp (one "
+            "process per device on every node)."
+        )
 
 
 def processes_per_node(t: DictConfig) -> int:
@@ -347,24 +402,37 @@ def check_hardware(t: DictConfig) -> None:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if t.accelerator in ("gpu", "cuda") and gpus == 0:
-        raise EquipError(f"trainer.accelerator={t.accelerator}: this machine has no usable "
-                         "GPU (CUDA). Use trainer.accelerator=auto or cpu.")  # fmt: skip
+        raise EquipError(
+            f"trainer.accelerator={t.accelerator}: this machine has no usable "
+            "GPU (CUDA). Use trainer.accelerator=auto or cpu."
+        )
     if t.accelerator == "mps" and not torch.backends.mps.is_available():
-        raise EquipError("trainer.accelerator=mps: Apple's MPS is not available here. Use "
-                         "trainer.accelerator=auto or cpu.")  # fmt: skip
-    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and gpus == 0
-                                        and not torch.backends.mps.is_available())  # fmt: skip
+        raise EquipError(
+            "trainer.accelerator=mps: Apple's MPS is not available here. Use "
+            "trainer.accelerator=auto or cpu."
+        )
+    on_cpu = t.accelerator == "cpu" or (
+        t.accelerator == "auto" and gpus == 0 and not torch.backends.mps.is_available()
+    )
     n = processes_per_node(t)
     if on_cpu:
         if n > cpu_count():
-            raise EquipError(f"trainer.devices={n} CPU processes on {cpu_count()} core(s): use "
-                             f"trainer.devices={cpu_count()} or fewer.")  # fmt: skip
+            raise EquipError(
+                f"trainer.devices={n} CPU processes on {cpu_count()} core(s): use "
+                f"trainer.devices={cpu_count()} or fewer."
+            )
         if str(t.precision) in ("16-mixed", "16-true"):
-            raise EquipError(f"trainer.precision={t.precision} needs a GPU; on CPU use "
-                             "trainer.precision=bf16-mixed or 32-true.")  # fmt: skip
+            raise EquipError(
+                f"trainer.precision={t.precision} needs a GPU; on CPU use "
+                "trainer.precision=bf16-mixed or 32-true."
+            )
     elif t.accelerator != "mps" and gpus and n > gpus:
-        raise EquipError(f"trainer.devices={n} but this machine has {gpus} GPU(s): use "
-                         f"trainer.devices={gpus} or fewer, or trainer.num_nodes.")  # fmt: skip
+        raise EquipError(
+            f"trainer.devices={n} but this machine has {gpus} GPU(s): use "
+            f"trainer.devices={gpus} or fewer, or trainer.num_nodes."
+        )
     if n > 1 and t.strategy == "auto":
-        raise EquipError(f"trainer.devices={n} needs trainer.strategy=ddp (one process per "
-                         "device, gradients all-reduced).")  # fmt: skip
+        raise EquipError(
+            f"trainer.devices={n} needs trainer.strategy=ddp (one process per "
+            "device, gradients all-reduced)."
+        )

@@ -144,8 +144,9 @@ def load_folder(
                 arr = np.load(cached)
             except (OSError, ValueError):  # torn write by a killed process: decode again
                 arr = None
-            if arr is not None and (arr.shape != (3, image_size, image_size)
-                                    or arr.dtype != np.uint8):  # fmt: skip
+            if arr is not None and (
+                arr.shape != (3, image_size, image_size) or arr.dtype != np.uint8
+            ):
                 arr = None  # a foreign or damaged entry: decode again and overwrite it
         if arr is None:
             try:
@@ -263,8 +264,9 @@ def load_synthetic(
         path = synthetic_cache_file(cache_dir, per_class, image_size, seed)
         cached = imagestore.open_cached(path)
         if cached is None:
-            check_decoded_size(len(labels), image_size, str(cache_dir),
-                               f"data.per_class={per_class}")  # fmt: skip
+            check_decoded_size(
+                len(labels), image_size, str(cache_dir), f"data.per_class={per_class}"
+            )
             imagestore.write(path, shape, preprocessed(), lambda: {"sha256": shas})
             cached = imagestore.open_cached(path)
             decoded = len(labels)
@@ -316,8 +318,9 @@ def load_images(data: DictConfig) -> ImageSet:
         return replace(_loaded[key], source="memory", decoded=0)
     cache = Path(data.cache_dir).expanduser() if data.get("cache_dir") else None
     if data.kind == "synthetic":
-        images = load_synthetic(data.per_class, data.image_size, data.generator_seed, cache,
-                                data.ram_budget_mb)  # fmt: skip
+        images = load_synthetic(
+            data.per_class, data.image_size, data.generator_seed, cache, data.ram_budget_mb
+        )
     else:
         images = load_folder(root, data.image_size, cache, data.ram_budget_mb)
     _loaded[key] = images

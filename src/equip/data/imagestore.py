@@ -82,8 +82,12 @@ class DiskImages:
         return self[slice(None)]
 
 
-def write(path: Path, shape: tuple[int, ...], images: Iterable[np.ndarray],
-          meta: Callable[[], dict[str, Any]]) -> None:  # fmt: skip
+def write(
+    path: Path,
+    shape: tuple[int, ...],
+    images: Iterable[np.ndarray],
+    meta: Callable[[], dict[str, Any]],
+) -> None:
     """Write `images` (each uint8 of shape[1:]) as one .npy, and `meta()` (called once they are
     all written, so it may describe them) beside it as JSON.
 

@@ -31,8 +31,7 @@ def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
     if augment.rotation or augment.translate:
         t = augment.translate
         # Photos are padded onto white: fill the uncovered corners white too, not black.
-        steps.append(v2.RandomAffine(augment.rotation, translate=(t, t) if t else None,
-                                     fill=255))  # fmt: skip
+        steps.append(v2.RandomAffine(augment.rotation, translate=(t, t) if t else None, fill=255))
     if augment.color_jitter:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
@@ -91,8 +90,14 @@ class ImageDataModule(pl.LightningDataModule):
         kw = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                              collate_fn=_as_batch, **kw)  # fmt: skip
+            return DataLoader(
+                ds,
+                batch_size=self.batch_size,
+                shuffle=shuffle,
+                generator=gen,
+                collate_fn=_as_batch,
+                **kw,
+            )
         # Several processes: each reads its shard. Training pads to equal shards (every rank
         # must take the same number of steps); val/test do not, so their metrics, synced over
         # ranks, count each image exactly once.
@@ -101,8 +106,9 @@ class ImageDataModule(pl.LightningDataModule):
             sampler: Sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
         else:
             sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=_as_batch,
-                          **kw)  # fmt: skip
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, collate_fn=_as_batch, **kw
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -122,8 +122,9 @@ def split_for(images: ImageSet, data) -> np.ndarray:
     """The split a data config asks for: fold `data.fold` of `data.folds`, or the hold-out."""
     if data.get("folds"):
         return fold_split(images, data.folds, data.fold, data.split_seed, data.group_pattern)
-    return split_images(images, data.val_fraction, data.test_fraction, data.split_seed,
-                        data.group_pattern)  # fmt: skip
+    return split_images(
+        images, data.val_fraction, data.test_fraction, data.split_seed, data.group_pattern
+    )
 
 
 def split_manifest(images: ImageSet, split: np.ndarray) -> str:

@@ -14,9 +14,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES: tuple[str, ...] = (
-    "axes", "boots", "carabiners", "crampons", "gloves", "hardshell_jackets",
-    "harnesses", "helmets", "insulated_jackets", "pulleys", "rope", "tents",
-)  # fmt: skip
+    "axes",
+    "boots",
+    "carabiners",
+    "crampons",
+    "gloves",
+    "hardshell_jackets",
+    "harnesses",
+    "helmets",
+    "insulated_jackets",
+    "pulleys",
+    "rope",
+    "tents",
+)
 
 Gen = np.random.Generator
 Rgb = tuple[int, int, int]
@@ -27,14 +37,21 @@ Pts = Sequence[Pt] | Sequence[float] | np.ndarray  # points, or a flat (x0, y0, 
 class _Pen:
     """Draws in unit coordinates (0..1 across the canvas) so the shapes are resolution-free."""
 
-    _OPS = {"poly": "polygon", "rect": "rounded_rectangle", "ellipse": "ellipse",
-            "chord": "chord", "arc": "arc", "line": "line"}  # fmt: skip
+    _OPS = {
+        "poly": "polygon",
+        "rect": "rounded_rectangle",
+        "ellipse": "ellipse",
+        "chord": "chord",
+        "arc": "arc",
+        "line": "line",
+    }
 
     def __init__(self, img: Image.Image, fg: Rgb, dark: Rgb) -> None:
         self.d, self.s, self.fg, self.dk = ImageDraw.Draw(img), img.width, fg, dark
 
-    def __call__(self, op: str, xy: Pts, width: float = 0, dark: bool = False, r: float = 0,
-                 **kw: object) -> None:  # fmt: skip
+    def __call__(
+        self, op: str, xy: Pts, width: float = 0, dark: bool = False, r: float = 0, **kw: object
+    ) -> None:
         """Width > 0 draws an outline (or a line) that wide; r rounds rectangle corners."""
         flat = (np.asarray(xy, dtype=float).ravel() * self.s).tolist()
         colour = self.dk if dark else self.fg
@@ -180,10 +197,26 @@ def _tent(p: _Pen, r: Gen) -> None:  # A-frame or dome tent with a door, ground 
         p("line", [(0.5, apex), (x, 0.62)], 0.01, dark=True)
 
 
-DRAW: dict[str, Callable[[_Pen, Gen], None]] = dict(zip(CLASSES, (
-    _axe, _boot, _carabiner, _crampons, _glove, _hardshell,
-    _harness, _helmet, _insulated, _pulley, _rope, _tent,
-), strict=True))  # fmt: skip
+DRAW: dict[str, Callable[[_Pen, Gen], None]] = dict(
+    zip(
+        CLASSES,
+        (
+            _axe,
+            _boot,
+            _carabiner,
+            _crampons,
+            _glove,
+            _hardshell,
+            _harness,
+            _helmet,
+            _insulated,
+            _pulley,
+            _rope,
+            _tent,
+        ),
+        strict=True,
+    )
+)
 
 
 def _colour(r: Gen, light: bool) -> np.ndarray:

@@ -42,11 +42,20 @@ def image_features(
         if "hog" in features:
             cell = max(image_size // 8, 2)
             grey = im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-            parts.append(hog(grey, orientations=9, pixels_per_cell=(cell, cell),
-                             cells_per_block=(2, 2), feature_vector=True))  # fmt: skip
+            parts.append(
+                hog(
+                    grey,
+                    orientations=9,
+                    pixels_per_cell=(cell, cell),
+                    cells_per_block=(2, 2),
+                    feature_vector=True,
+                )
+            )
         if "color_hist" in features:
-            parts += [np.histogram(im[..., c], bins=16, range=(0, 256))[0] / im[..., c].size
-                      for c in range(3)]  # fmt: skip
+            parts += [
+                np.histogram(im[..., c], bins=16, range=(0, 256))[0] / im[..., c].size
+                for c in range(3)
+            ]
         rows.append(np.concatenate(parts).astype(np.float32))
     return np.stack(rows)
 
@@ -54,9 +63,12 @@ def image_features(
 def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int, n_jobs: int = 1) -> Pipeline:
     featurize = FunctionTransformer(
         image_features,
-        kw_args={"image_size": image_size, "features": list(m["features"]),
-                 "pixels_size": m["pixels_size"]},
-    )  # fmt: skip
+        kw_args={
+            "image_size": image_size,
+            "features": list(m["features"]),
+            "pixels_size": m["pixels_size"],
+        },
+    )
     estimator: BaseEstimator
     if m["estimator"] == "logreg":
         from sklearn.linear_model import LogisticRegression
@@ -66,8 +78,9 @@ def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int, n_jobs: int
     if m["estimator"] == "svm":
         from sklearn.svm import SVC
 
-        return make_pipeline(featurize, StandardScaler(),
-                             SVC(C=m["C"], probability=True, random_state=seed))  # fmt: skip
+        return make_pipeline(
+            featurize, StandardScaler(), SVC(C=m["C"], probability=True, random_state=seed)
+        )
     from sklearn.ensemble import RandomForestClassifier
 
     estimator = RandomForestClassifier(m["n_estimators"], n_jobs=n_jobs, random_state=seed)
@@ -75,9 +88,13 @@ def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int, n_jobs: int
 
 
 def fit_baseline(
-    m: Mapping[str, Any], x_train: np.ndarray, y_train: np.ndarray, image_size: int, seed: int,
+    m: Mapping[str, Any],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    image_size: int,
+    seed: int,
     n_jobs: int = 1,
-) -> tuple[Pipeline, float]:  # fmt: skip
+) -> tuple[Pipeline, float]:
     """Fit on flattened uint8 images; returns the pipeline and the fit time in seconds."""
     pipeline = build_pipeline(m, image_size, seed, n_jobs)
     t0 = time.perf_counter()
@@ -109,20 +126,26 @@ def fit_and_log(
 
     x_train, y_train = flat("train")
     n_jobs = max(1, cpu_count() // max(parallel_jobs, 1))  # share cores with parallel jobs
-    pipeline, fit_time = fit_baseline(cfg.model, x_train, y_train, cfg.data.image_size,
-                                      cfg.seed, n_jobs)  # fmt: skip
+    pipeline, fit_time = fit_baseline(
+        cfg.model, x_train, y_train, cfg.data.image_size, cfg.seed, n_jobs
+    )
     n = len(images.classes)
     x_val, y_val = flat("val")
     probs = torch.from_numpy(predict_proba(pipeline, x_val, n))
-    final = {"train_time_s": fit_time, "epochs_trained": 1,
-             "train_acc": float((pipeline.predict(x_train) == y_train).mean())}  # fmt: skip
+    final = {
+        "train_time_s": fit_time,
+        "epochs_trained": 1,
+        "train_acc": float((pipeline.predict(x_train) == y_train).mean()),
+    }
     if (split == "test").any():
         x_test, y_test = flat("test")
         final["test_acc"] = float((pipeline.predict(x_test) == y_test).mean())
-    final = reports.log_evaluation(run_id, images.classes, torch.from_numpy(y_val), probs,
-                                   final, 0)  # fmt: skip
+    final = reports.log_evaluation(run_id, images.classes, torch.from_numpy(y_val), probs, final, 0)
     # The per-epoch names too, so baseline and CNN runs sort side by side in the MLflow UI.
-    tracking.log_metrics(run_id, {k.removeprefix("best_"): v for k, v in final.items()
-                                  if k.startswith("best_val_")}, step=0)  # fmt: skip
+    tracking.log_metrics(
+        run_id,
+        {k.removeprefix("best_"): v for k, v in final.items() if k.startswith("best_val_")},
+        step=0,
+    )
     # The caller logs the pipeline as a raw-image pyfunc (equip.serve.baseline_pyfunc).
     return {"metrics": final, "pipeline": pipeline}

@@ -25,15 +25,21 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 assert set(ACTIVATIONS) == set(checks.ACTIVATIONS) and set(POOLS) == set(checks.POOLS)
 assert set(OPTIMIZERS) == set(checks.OPTIMIZERS)
 # Keys added after the first release: checkpoints saved before them load with these values.
-RECIPE_DEFAULTS = {"convs_per_block": 1, "residual": False, "label_smoothing": 0.0,
-                   "ema_decay": None, "tta": "none"}  # fmt: skip
+RECIPE_DEFAULTS = {
+    "convs_per_block": 1,
+    "residual": False,
+    "label_smoothing": 0.0,
+    "ema_decay": None,
+    "tta": "none",
+}
 
 
 def _convs(c_in: int, c_out: int, k: int, n: int, batch_norm: bool, act, last_act: bool):
     layers: list[nn.Module] = []
     for i in range(n):
-        layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, k, padding="same",
-                                bias=not batch_norm))  # fmt: skip
+        layers.append(
+            nn.Conv2d(c_in if i == 0 else c_out, c_out, k, padding="same", bias=not batch_norm)
+        )
         if batch_norm:
             layers.append(nn.BatchNorm2d(c_out))
         if last_act or i < n - 1:
@@ -147,8 +153,9 @@ class Classifier(pl.LightningModule):
         metrics.update(logits, y)
         # sync_dist: with several processes the epoch loss is the mean over every rank's images
         # (the torchmetrics objects sync their own states).
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y),
-                 sync_dist=True)  # fmt: skip
+        self.log(
+            f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
 

@@ -35,8 +35,11 @@ def classify_baseline(
     from equip.model.baseline import predict_proba
 
     x = decode_images(raw_images, image_size).reshape(len(raw_images), -1)
-    probs = (predict_proba(pipeline, x, len(classes)) if len(x)
-             else np.zeros((0, len(classes)), np.float32))  # fmt: skip
+    probs = (
+        predict_proba(pipeline, x, len(classes))
+        if len(x)
+        else np.zeros((0, len(classes)), np.float32)
+    )
     return as_frame(classes, probs)
 
 
@@ -68,16 +71,22 @@ def log_baseline_pyfunc(pipeline, classes: list[str], image_size: int) -> str:
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
-                        *[ColSpec("double", f"p_{c}") for c in classes]]),
-    )  # fmt: skip
+        outputs=Schema(
+            [
+                ColSpec("string", "class"),
+                ColSpec("double", "probability"),
+                *[ColSpec("double", f"p_{c}") for c in classes],
+            ]
+        ),
+    )
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
     names = ["mlflow", "scikit-learn", "scikit-image", "skops", "pillow", "numpy", "pandas"]
     requirements = [f"{n}=={metadata.version(n)}" for n in names]
     with tempfile.TemporaryDirectory(prefix="equip-baseline-") as tmp:
         path = str(Path(tmp) / "pipeline")
-        mlflow.sklearn.save_model(pipeline, path, skops_trusted_types=TRUSTED_SKLEARN_TYPES,
-                                  pip_requirements=requirements)  # fmt: skip
+        mlflow.sklearn.save_model(
+            pipeline, path, skops_trusted_types=TRUSTED_SKLEARN_TYPES, pip_requirements=requirements
+        )
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=BaselineImageModel(),

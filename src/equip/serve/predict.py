@@ -20,8 +20,13 @@ from rich.table import Table
 
 from equip.errors import EquipError
 
-DEFAULTS = {"model": "???", "images": "???", "output": "predictions.csv", "tracking_uri": None,
-            "show": 30}  # fmt: skip
+DEFAULTS = {
+    "model": "???",
+    "images": "???",
+    "output": "predictions.csv",
+    "tracking_uri": None,
+    "show": 30,
+}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -57,8 +62,10 @@ def load_predictor(model: str):
     try:
         return mlflow.pyfunc.load_model(uri).predict
     except (MlflowException, OSError) as e:
-        raise EquipError(f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
-                         f"{str(e).splitlines()[0]}") from None  # fmt: skip
+        raise EquipError(
+            f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
 
 
 def predict_files(predict, files: list[Path], chunk: int = 256):

@@ -50,8 +50,11 @@ def read_image_value(value: Any, row: int, image_root: str | None = None) -> byt
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        where = " nor a file under the allowed image root" if image_root else (
-            " (file paths are off for this model)")  # fmt: skip
+        where = (
+            " nor a file under the allowed image root"
+            if image_root
+            else (" (file paths are off for this model)")
+        )
         raise BadImageInput(f"row {row}: not base64-encoded image bytes{where}") from None
 
 
@@ -67,24 +70,29 @@ def decode_images(raw_images: Sequence[bytes], image_size: int) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(raw)) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise BadImageInput(f"image {i} has {img.width}x{img.height} pixels; at most "
-                                        f"{MAX_PIXELS // 10**6} MP are accepted")  # fmt: skip
+                    raise BadImageInput(
+                        f"image {i} has {img.width}x{img.height} pixels; at most "
+                        f"{MAX_PIXELS // 10**6} MP are accepted"
+                    )
                 img.load()
                 arrays.append(preprocess(img, image_size))
         except BadImageInput:
             raise
         except Exception as e:
-            raise BadImageInput(f"image {i} could not be decoded as an image "
-                                f"({type(e).__name__})") from None  # fmt: skip
+            raise BadImageInput(
+                f"image {i} could not be decoded as an image ({type(e).__name__})"
+            ) from None
     return np.stack(arrays) if arrays else np.zeros((0, 3, image_size, image_size), np.uint8)
 
 
 def as_frame(classes: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
     """The output contract of every equip model: class, probability, p_<class>."""
-    out = pd.DataFrame({
-        "class": [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else [],
-        "probability": probs.max(1).astype(np.float64) if len(probs) else [],
-    })  # fmt: skip
+    out = pd.DataFrame(
+        {
+            "class": [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else [],
+            "probability": probs.max(1).astype(np.float64) if len(probs) else [],
+        }
+    )
     for j, name in enumerate(classes):
         out[f"p_{name}"] = probs[:, j].astype(np.float64)
     return out
@@ -97,8 +105,10 @@ def classify(model, raw_images: Sequence[bytes], batch_size: int = 64) -> pd.Dat
     x = torch.from_numpy(decode_images(raw_images, model.image_size))
     with torch.inference_mode():
         probs = [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
-    return as_frame(model.classes, torch.cat(probs).numpy() if probs else
-                    np.zeros((0, len(model.classes)), np.float32))  # fmt: skip
+    return as_frame(
+        model.classes,
+        torch.cat(probs).numpy() if probs else np.zeros((0, len(model.classes)), np.float32),
+    )
 
 
 def read_images(model_input: pd.DataFrame, image_root: str | None) -> list[bytes]:
@@ -137,8 +147,17 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 def _requirements() -> list[str]:
     """Pinned to what trained the model; inferring them would re-import the model (slow)."""
-    names = ["mlflow", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "pillow",
-             "numpy", "pandas", "omegaconf"]  # fmt: skip
+    names = [
+        "mlflow",
+        "torch",
+        "torchvision",
+        "pytorch-lightning",
+        "torchmetrics",
+        "pillow",
+        "numpy",
+        "pandas",
+        "omegaconf",
+    ]
     return [f"{n}=={metadata.version(n)}" for n in names]
 
 
@@ -151,9 +170,14 @@ def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
-                        *[ColSpec("double", f"p_{c}") for c in classes]]),
-    )  # fmt: skip
+        outputs=Schema(
+            [
+                ColSpec("string", "class"),
+                ColSpec("double", "probability"),
+                *[ColSpec("double", f"p_{c}") for c in classes],
+            ]
+        ),
+    )
     # No input_example: it would need a real photo, and MLflow warns about its absence.
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
     info = mlflow.pyfunc.log_model(

@@ -110,8 +110,10 @@ class SweepTracker(Callback):
         if sweeper.endswith("BasicSweeper"):
             bad = invalid_points(config)
             if bad:
-                console.print(f"[bold red]equip: error:[/] {len(bad)} sweep point(s) are invalid;"
-                              " nothing was trained. Fix or remove them:")  # fmt: skip
+                console.print(
+                    f"[bold red]equip: error:[/] {len(bad)} sweep point(s) are invalid;"
+                    " nothing was trained. Fix or remove them:"
+                )
                 for point, why in bad:
                     console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
                 raise SystemExit(2)
@@ -140,8 +142,11 @@ class SweepTracker(Callback):
             for run in client.search_runs([exp_id], schema.children_of(self.parent_id, "RUNNING")):
                 client.set_tag(run.info.run_id, schema.ERROR, "interrupted; rerun on resume")
                 client.set_terminated(run.info.run_id, "KILLED")
-            console.print(f"resuming sweep {previous[0].info.run_name!r} ({self.parent_id}): "
-                          "jobs that already finished are skipped", highlight=False)  # fmt: skip
+            console.print(
+                f"resuming sweep {previous[0].info.run_name!r} ({self.parent_id}): "
+                "jobs that already finished are skipped",
+                highlight=False,
+            )
         else:
             overrides = redact_overrides(
                 o for o in config.hydra.overrides.task if schema.is_identity_key(o.split("=")[0])
@@ -203,7 +208,9 @@ class SweepTracker(Callback):
         print_board(board)
         uri = store.resolve_uri(config.tracking)
         exp = MlflowClient().get_run(parent_id).info.experiment_id
-        console.print(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}",
-                      highlight=False, soft_wrap=True)  # fmt: skip
+        console.print(
+            f"sweep parent: {tracking.run_location(uri, exp, parent_id)}",
+            highlight=False,
+            soft_wrap=True,
+        )
         job.clear_sweep()
-

@@ -33,9 +33,10 @@ class CvResult:
 def _fold_runs(client, experiment_id: str, where: str) -> dict[str, list]:
     """FINISHED fold runs matching `where`, grouped by their sweep's parent run id."""
     runs = client.search_runs(
-        [experiment_id], f"{where} and params.`data.folds` != 'null' and "
-        "attributes.status = 'FINISHED'", max_results=5000,
-    )  # fmt: skip
+        [experiment_id],
+        f"{where} and params.`data.folds` != 'null' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
     by_parent: dict[str, list] = {}
     for r in runs:
         parent = r.data.tags.get(schema.PARENT)
@@ -51,10 +52,14 @@ def _result(parent_id: str, runs: list, metric: str) -> CvResult | None:
     scores = {int(r.data.params["data.fold"]): r.data.metrics.get(metric) for r in runs}
     if sorted(scores) != list(range(folds)) or any(v is None for v in scores.values()):
         return None
-    epochs = {int(r.data.params["data.fold"]): r.data.metrics["best_epoch"]
-              for r in runs if "best_epoch" in r.data.metrics}  # fmt: skip
-    return CvResult(parent_id, scores, epochs, folds, p["data.split_seed"],
-                    p.get("data.group_pattern", "null"))  # fmt: skip
+    epochs = {
+        int(r.data.params["data.fold"]): r.data.metrics["best_epoch"]
+        for r in runs
+        if "best_epoch" in r.data.metrics
+    }
+    return CvResult(
+        parent_id, scores, epochs, folds, p["data.split_seed"], p.get("data.group_pattern", "null")
+    )
 
 
 def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult | None:
@@ -68,16 +73,21 @@ def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult 
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
-def baseline_cv(client, experiment_id: str, fingerprint: str, like: CvResult,
-                metric: str) -> CvResult | None:  # fmt: skip
+def baseline_cv(
+    client, experiment_id: str, fingerprint: str, like: CvResult, metric: str
+) -> CvResult | None:
     """The strongest complete baseline CV on the same data and the same folds as `like`."""
-    where = (f"params.`model.name` = 'baseline' and "
-             f"tags.`{schema.DATA_FINGERPRINT}` = {schema.literal(fingerprint)} and "
-             f"params.`data.folds` = '{like.folds}' and "
-             f"params.`data.split_seed` = {schema.literal(like.split_seed)} and "
-             f"params.`data.group_pattern` = {schema.literal(like.group_pattern)}")  # fmt: skip
-    results = [_result(parent, runs, metric)
-               for parent, runs in _fold_runs(client, experiment_id, where).items()]  # fmt: skip
+    where = (
+        f"params.`model.name` = 'baseline' and "
+        f"tags.`{schema.DATA_FINGERPRINT}` = {schema.literal(fingerprint)} and "
+        f"params.`data.folds` = '{like.folds}' and "
+        f"params.`data.split_seed` = {schema.literal(like.split_seed)} and "
+        f"params.`data.group_pattern` = {schema.literal(like.group_pattern)}"
+    )
+    results = [
+        _result(parent, runs, metric)
+        for parent, runs in _fold_runs(client, experiment_id, where).items()
+    ]
     results = [r for r in results if r is not None]
     return max(results, key=lambda r: r.mean) if results else None
 
@@ -109,5 +119,7 @@ def final_fit_plan(cfg: DictConfig, experiment_id: str, key: str) -> tuple[CvRes
         logging.getLogger(__name__).warning(
             "final fit: no complete CV sweep of this config on this data (run `python train.py "
             "-m sweep=cv` with the same overrides): training trainer.max_epochs=%s epochs, no "
-            "score", cfg.trainer.max_epochs)  # fmt: skip
+            "score",
+            cfg.trainer.max_epochs,
+        )
     return cv, final_fit_epochs(cv, cfg)

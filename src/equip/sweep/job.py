@@ -119,8 +119,11 @@ def config_hash(cfg: DictConfig, data_fingerprint: str) -> str:
 def cv_key(cfg: DictConfig, data_fingerprint: str) -> str:
     """Identity of a config on its data, whatever the split: the folds of a CV sweep and the
     final fit of the same config share it (equip.sweep.crossval finds one from the other)."""
-    keep = sorted((k, v) for k, v in config_params(cfg).items()
-                  if schema.is_identity_key(k) and k not in schema.SPLIT_KEYS)  # fmt: skip
+    keep = sorted(
+        (k, v)
+        for k, v in config_params(cfg).items()
+        if schema.is_identity_key(k) and k not in schema.SPLIT_KEYS
+    )
     return hashlib.sha256(repr([data_fingerprint, keep]).encode()).hexdigest()[:16]
 
 

@@ -45,16 +45,23 @@ def leaderboard(parent_id: str) -> tuple[Any, list[dict[str, Any]], list[str]]:
 def board_row(run, keys: list[str]) -> dict[str, Any]:
     m, p, t = run.data.metrics, run.data.params, run.data.tags
     return {
-        "run_name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
+        "run_name": run.info.run_name,
+        "run_id": run.info.run_id,
+        "status": run.info.status,
         **{k: p.get(k, "") for k in keys},
-        **{k: m.get(k) for k in METRICS}, "acc_95ci": _interval(m),
-        "val_images": m.get("val_images"), "best_epoch": m.get("best_epoch"),
-        "epochs": m.get("epochs_trained"), "train_time_s": m.get("train_time_s"),
-        "params": p.get("arch.params"), "pruned": t.get(schema.PRUNED) == "true",
-        "error": t.get(schema.ERROR, ""), "start_time": run.info.start_time,
+        **{k: m.get(k) for k in METRICS},
+        "acc_95ci": _interval(m),
+        "val_images": m.get("val_images"),
+        "best_epoch": m.get("best_epoch"),
+        "epochs": m.get("epochs_trained"),
+        "train_time_s": m.get("train_time_s"),
+        "params": p.get("arch.params"),
+        "pruned": t.get(schema.PRUNED) == "true",
+        "error": t.get(schema.ERROR, ""),
+        "start_time": run.info.start_time,
         "end_time": run.info.end_time,
         "config_hash": t.get(schema.CONFIG_HASH, run.info.run_id),
-    }  # fmt: skip
+    }
 
 
 def rank(rows: list[dict[str, Any]], monitor: str) -> list[dict[str, Any]]:
@@ -97,8 +104,18 @@ def _interval(m: dict[str, float]) -> str:
 
 
 def board_columns(keys: list[str]) -> list[str]:
-    return ["rank", "run_name", *keys, METRICS[0], "acc_95ci", *METRICS[1:], "epochs",
-            "train_time_s", "params", "status"]  # fmt: skip
+    return [
+        "rank",
+        "run_name",
+        *keys,
+        METRICS[0],
+        "acc_95ci",
+        *METRICS[1:],
+        "epochs",
+        "train_time_s",
+        "params",
+        "status",
+    ]
 
 
 def cv_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -128,13 +145,18 @@ def cv_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def cv_line(cv: dict[str, float]) -> str:
     """'5-fold CV: val_acc 0.953 ± 0.012, ...' for the terminal."""
-    parts = [f"{k.removeprefix('cv_mean_best_')} {cv[k]:.4f} ± {cv[k.replace('mean', 'std')]:.4f}"
-             for k in cv if k.startswith("cv_mean_best_")]  # fmt: skip
+    parts = [
+        f"{k.removeprefix('cv_mean_best_')} {cv[k]:.4f} ± {cv[k.replace('mean', 'std')]:.4f}"
+        for k in cv
+        if k.startswith("cv_mean_best_")
+    ]
     line = f"{cv['cv_folds']:.0f}-fold CV (mean ± std): " + ", ".join(parts)
     if "cv_pooled_acc" in cv:
-        line += (f"; pooled val_acc {cv['cv_pooled_acc']:.4f} [95% CI "
-                 f"{cv['cv_pooled_acc_ci_low']:.3f}-{cv['cv_pooled_acc_ci_high']:.3f}, "
-                 f"n={cv['cv_val_images']:.0f}]")  # fmt: skip
+        line += (
+            f"; pooled val_acc {cv['cv_pooled_acc']:.4f} [95% CI "
+            f"{cv['cv_pooled_acc_ci_low']:.3f}-{cv['cv_pooled_acc_ci_high']:.3f}, "
+            f"n={cv['cv_val_images']:.0f}]"
+        )
     if "cv_mean_train_time_s" in cv:
         line += f"; {cv['cv_mean_train_time_s']:.0f} s per fold"
     return line
@@ -160,7 +182,7 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
         "jobs_skipped": sum(
             since > 0 and r["status"] == "FINISHED" and (r["end_time"] or 0) < since * 1000
             for r in rows
-        ),  # fmt: skip
+        ),
     }
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -203,8 +225,10 @@ def _html(cols: list[str], rows: list[dict[str, Any]]) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows
     )
-    return (f"<html><body><table border=1 cellpadding=4><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></body></html>\n")  # fmt: skip
+    return (
+        f"<html><body><table border=1 cellpadding=4><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table></body></html>\n"
+    )
 
 
 def _parallel_plot(rows: list[dict[str, Any]], keys: list[str], parent):
@@ -272,18 +296,23 @@ def print_board(board: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m equip.leaderboard: 0 when the board is shown, 2 with one line otherwise."""
-    ap = argparse.ArgumentParser(prog="python -m equip.leaderboard",
-                                 description="Print a sweep's leaderboard.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m equip.leaderboard", description="Print a sweep's leaderboard."
+    )
     ap.add_argument("parent", nargs="?", default="latest", help="parent run id, or 'latest'")
-    ap.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, "
-                    "else sqlite:///mlflow.db in this folder")  # fmt: skip
+    ap.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder",
+    )
     ap.add_argument("--experiment", default="equip")
     args = ap.parse_args(argv)
     try:
         print_board(dict(zip(("parent", "rows", "keys"), _load(args), strict=True)))
     except EquipError as e:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]equip: error:[/] {e}",
-                                                   highlight=False)  # fmt: skip
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]equip: error:[/] {e}", highlight=False
+        )
         return 2
     return 0
 
@@ -293,8 +322,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise EquipError(f"no MLflow store at {uri}; run a sweep first or pass --tracking-uri.")
     if uri.startswith(("http://", "https://")) and not store.reachable(uri):
-        raise EquipError(f"the MLflow server {strip_secrets(uri)} is unreachable; start it or "
-                         "pass another --tracking-uri.")  # fmt: skip
+        raise EquipError(
+            f"the MLflow server {strip_secrets(uri)} is unreachable; start it or "
+            "pass another --tracking-uri."
+        )
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -304,22 +335,31 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str
     parent = args.parent
     if parent == "latest":
         exp = client.get_experiment_by_name(args.experiment)
-        runs = client.search_runs(
-            [exp.experiment_id], schema.sweep_parents(),
-            order_by=["attributes.start_time DESC"], max_results=1,
-        ) if exp else []  # fmt: skip
+        runs = (
+            client.search_runs(
+                [exp.experiment_id],
+                schema.sweep_parents(),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if exp
+            else []
+        )
         if not runs:
             raise EquipError(f"no sweep in experiment {args.experiment!r} at {uri}.")
         parent = runs[0].info.run_id
     try:
         run = client.get_run(parent)
     except MlflowException:
-        raise EquipError(f"no run {parent!r} at {strip_secrets(uri)}; give a sweep's parent run "
-                         "id or 'latest'.") from None  # fmt: skip
+        raise EquipError(
+            f"no run {parent!r} at {strip_secrets(uri)}; give a sweep's parent run id or 'latest'."
+        ) from None
     if schema.SWEEP_KEY not in run.data.tags:
-        raise EquipError(f"run {parent} ({run.info.run_name}) is a single run, not a sweep's "
-                         "parent; give a parent run id (the MLflow UI nests its jobs under it) "
-                         "or 'latest'.")  # fmt: skip
+        raise EquipError(
+            f"run {parent} ({run.info.run_name}) is a single run, not a sweep's "
+            "parent; give a parent run id (the MLflow UI nests its jobs under it) "
+            "or 'latest'."
+        )
     store.reap_stale_runs(run.info.experiment_id)  # a crashed job shows as KILLED, not RUNNING
     return leaderboard(parent)
 

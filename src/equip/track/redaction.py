@@ -29,7 +29,7 @@ SECRET_IN_VALUE = [
             r"[^;\s'\"]+"
         ),
         rf"\1={REDACTED}",
-    ),  # fmt: skip
+    ),
     (re.compile(r"(?i)([?&]sig=)[^&\s'\"]+"), rf"\1{REDACTED}"),  # SAS token signature
     (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"), rf"\1{REDACTED}"),
 ]

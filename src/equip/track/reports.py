@@ -96,9 +96,13 @@ def wilson_interval(correct: int, n: int) -> tuple[float, float]:
 
 
 def log_evaluation(
-    run_id: str, classes: list[str], y_true: torch.Tensor, probs: torch.Tensor,
-    final: dict[str, float], step: int,
-) -> dict[str, float]:  # fmt: skip
+    run_id: str,
+    classes: list[str],
+    y_true: torch.Tensor,
+    probs: torch.Tensor,
+    final: dict[str, float],
+    step: int,
+) -> dict[str, float]:
     """What came out, the same for CNN and baseline: final metrics (best_val_*), the per-class
     table and the confusion matrix of the selected model on the whole validation set."""
     import mlflow

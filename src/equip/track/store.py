@@ -27,8 +27,17 @@ log = logging.getLogger(__name__)
 # The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
 # environment (it does, for child processes): later runs in this process must not mistake it.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-SCHEMES = ("sqlite", "http", "https", "file", "azureml", "databricks", "postgresql", "mysql",
-           "mssql")  # fmt: skip
+SCHEMES = (
+    "sqlite",
+    "http",
+    "https",
+    "file",
+    "azureml",
+    "databricks",
+    "postgresql",
+    "mysql",
+    "mssql",
+)
 
 
 def resolve_uri(tracking: DictConfig) -> str:
@@ -69,11 +78,14 @@ def check_store(tracking: DictConfig) -> str:
     uri = resolve_uri(tracking)
     scheme = urllib.parse.urlsplit(uri).scheme
     if not uri:
-        raise EquipError("tracking.uri is empty: use sqlite:///mlflow.db, http://HOST:PORT or "
-                         "tracking=azureml.")  # fmt: skip
+        raise EquipError(
+            "tracking.uri is empty: use sqlite:///mlflow.db, http://HOST:PORT or tracking=azureml."
+        )
     if scheme and scheme not in SCHEMES and len(scheme) > 1:  # (C:\ is a Windows path)
-        raise EquipError(f"{_where(uri)}={strip_secrets(uri)}: unknown scheme {scheme!r}; use "
-                         "sqlite:///PATH.db, http(s)://HOST:PORT or a folder.")  # fmt: skip
+        raise EquipError(
+            f"{_where(uri)}={strip_secrets(uri)}: unknown scheme {scheme!r}; use "
+            "sqlite:///PATH.db, http(s)://HOST:PORT or a folder."
+        )
     if scheme == "azureml":
         _require_azure_extra()
     elif scheme in ("http", "https"):
@@ -95,8 +107,10 @@ def check_store(tracking: DictConfig) -> str:
 def reachable(uri: str, timeout: float = 2) -> bool:
     """Does an mlflow server answer at `uri`? Any HTTP answer (even 401/404) counts."""
     request = urllib.request.Request(uri.rstrip("/") + "/health")
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get(
-        "MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+    user, password = (
+        os.environ.get("MLFLOW_TRACKING_USERNAME"),
+        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+    )
     if user and password:
         import base64
 
@@ -143,8 +157,10 @@ def _set_retries(outage_s: float) -> None:
 
 def _check_sqlite(uri: str) -> None:
     if not uri.startswith("sqlite:///") or uri == "sqlite:///":
-        raise EquipError(f"{_where(uri)}={uri} is not a sqlite URI MLflow can open: use "
-                         "sqlite:///relative/path.db or sqlite:////absolute/path.db.")  # fmt: skip
+        raise EquipError(
+            f"{_where(uri)}={uri} is not a sqlite URI MLflow can open: use "
+            "sqlite:///relative/path.db or sqlite:////absolute/path.db."
+        )
     db = Path(uri.removeprefix("sqlite:///"))
     _check_folder(db.parent, _where(uri))
     if db.is_dir():
@@ -153,15 +169,17 @@ def _check_sqlite(uri: str) -> None:
         with open(db, "rb") as f:
             header = f.read(16)
         if header and header != b"SQLite format 3\x00":
-            raise EquipError(f"{_where(uri)}={uri}: {db} is not a sqlite database; pick "
-                             "another file name.")  # fmt: skip
+            raise EquipError(
+                f"{_where(uri)}={uri}: {db} is not a sqlite database; pick another file name."
+            )
         return
     try:  # creatable? (sqlite would only say 'unable to open database file', after retries)
         db.touch()
         db.unlink()
     except OSError as e:
-        raise EquipError(f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a "
-                         "writable folder.") from None  # fmt: skip
+        raise EquipError(
+            f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a writable folder."
+        ) from None
 
 
 def _check_folder(folder: Path, key: str) -> None:
@@ -169,11 +187,13 @@ def _check_folder(folder: Path, key: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise EquipError(f"{key}: {folder} is not a folder (a file is in the way); choose "
-                         "another location.") from None  # fmt: skip
+        raise EquipError(
+            f"{key}: {folder} is not a folder (a file is in the way); choose another location."
+        ) from None
     except OSError as e:
-        raise EquipError(f"{key}: cannot create the folder {folder} ({e.strerror}); choose a "
-                         "writable location.") from None  # fmt: skip
+        raise EquipError(
+            f"{key}: cannot create the folder {folder} ({e.strerror}); choose a writable location."
+        ) from None
     if not os.access(folder, os.W_OK):
         raise EquipError(f"{key}: folder {folder} is not writable; choose another location.")
 
@@ -181,9 +201,12 @@ def _check_folder(folder: Path, key: str) -> None:
 # ---------------------------------------------------------------- runs of crashed processes
 def process_tags() -> dict[str, str]:
     """Who runs a run: the next command that opens the store checks this process is alive."""
-    return {schema.HOST: socket.gethostname(), schema.PID: str(os.getpid()),
-            schema.PID_STARTED: _started(os.getpid()),
-            schema.HEARTBEAT: str(int(time.time()))}  # fmt: skip
+    return {
+        schema.HOST: socket.gethostname(),
+        schema.PID: str(os.getpid()),
+        schema.PID_STARTED: _started(os.getpid()),
+        schema.HEARTBEAT: str(int(time.time())),
+    }
 
 
 def _started(pid: int) -> str:
@@ -211,8 +234,9 @@ def reap_stale_runs(experiment_id: str, stale_after_s: float = 1800) -> list[str
 
     client = MlflowClient()
     host, now, reaped = socket.gethostname(), time.time(), []
-    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
-                                  max_results=1000):  # fmt: skip
+    for run in client.search_runs(
+        [experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+    ):
         t = run.data.tags
         if schema.PID not in t:
             continue  # not ours (or from before equip recorded processes)
@@ -224,13 +248,17 @@ def reap_stale_runs(experiment_id: str, stale_after_s: float = 1800) -> list[str
             gone = age > stale_after_s
             why = f"no heartbeat from {t.get(schema.HOST)} for {age:.0f} s"
         if gone:
-            client.set_tag(run.info.run_id, schema.ERROR, f"{why}; marked KILLED by a later "
-                           "command (rerun it, or resume the sweep)")  # fmt: skip
+            client.set_tag(
+                run.info.run_id,
+                schema.ERROR,
+                f"{why}; marked KILLED by a later command (rerun it, or resume the sweep)",
+            )
             client.set_terminated(run.info.run_id, "KILLED")
             reaped.append(run.info.run_id)
     if reaped:
-        log.warning("marked %d run(s) KILLED whose process is gone: %s", len(reaped),
-                    ", ".join(reaped))  # fmt: skip
+        log.warning(
+            "marked %d run(s) KILLED whose process is gone: %s", len(reaped), ", ".join(reaped)
+        )
     return reaped
 
 

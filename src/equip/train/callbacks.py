@@ -53,8 +53,9 @@ class MedianStopping(pl.Callback):
     """Stop a sweep job whose monitored metric is worse than the median of its finished
     siblings at the same epoch (the median stopping rule), and tag it as pruned."""
 
-    def __init__(self, run_id: str | None, experiment_id: str, parent_id: str, monitor: str,
-                 rule: MedianStop):  # fmt: skip
+    def __init__(
+        self, run_id: str | None, experiment_id: str, parent_id: str, monitor: str, rule: MedianStop
+    ):
         self.run_id, self.experiment_id, self.parent_id = run_id, experiment_id, parent_id
         self.monitor, self.mode, self.rule = monitor, schema.monitor_mode(monitor), rule
         self._histories: dict[str, dict[int, float]] = {}  # finished runs never change: cache
@@ -85,8 +86,11 @@ class MedianStopping(pl.Callback):
         median = statistics.median(at_epoch)
         if (value < median) if self.mode == "max" else (value > median):
             client.set_tag(self.run_id, schema.PRUNED, "true")
-            client.set_tag(self.run_id, schema.PRUNED_REASON,
-                           f"{self.monitor}={value:.4f} at epoch {epoch} is worse than the median "
-                           f"{median:.4f} of {len(at_epoch)} finished sibling(s)")  # fmt: skip
+            client.set_tag(
+                self.run_id,
+                schema.PRUNED_REASON,
+                f"{self.monitor}={value:.4f} at epoch {epoch} is worse than the median "
+                f"{median:.4f} of {len(at_epoch)} finished sibling(s)",
+            )
             return True
         return False

@@ -20,9 +20,12 @@ from equip.track.redaction import strip_secrets
 console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
 
 # Spellings of the previous release, kept working for one more release.
-RENAMED = {"register": "registry.enabled", "sweep.resume": "multirun.resume",
-           "sweep.continue_on_failure": "multirun.continue_on_failure",
-           "sweep.median_stop": "multirun.median_stop"}  # fmt: skip
+RENAMED = {
+    "register": "registry.enabled",
+    "sweep.resume": "multirun.resume",
+    "sweep.continue_on_failure": "multirun.continue_on_failure",
+    "sweep.median_stop": "multirun.median_stop",
+}
 DROPPED = ("trainer.monitor_mode",)  # now follows trainer.monitor
 
 
@@ -32,15 +35,24 @@ def upgrade_argv(argv: list[str]) -> list[str]:
     for arg in argv:
         key, eq, value = arg.partition("=")
         bare = key.lstrip("+~")
-        new = next((n + bare[len(o) :] for o, n in RENAMED.items()
-                    if bare == o or bare.startswith(o + ".")), None)  # fmt: skip
+        new = next(
+            (
+                n + bare[len(o) :]
+                for o, n in RENAMED.items()
+                if bare == o or bare.startswith(o + ".")
+            ),
+            None,
+        )
         if eq and new:
-            console.print(f"equip: note: {bare}= is now {new}= (the old spelling goes in the "
-                          "next release)", highlight=False)  # fmt: skip
+            console.print(
+                f"equip: note: {bare}= is now {new}= (the old spelling goes in the next release)",
+                highlight=False,
+            )
             arg = f"{new}={value}"
         elif eq and bare in DROPPED:
-            console.print(f"equip: note: {bare} is dropped: it follows trainer.monitor now",
-                          highlight=False)  # fmt: skip
+            console.print(
+                f"equip: note: {bare} is dropped: it follows trainer.monitor now", highlight=False
+            )
             continue
         out.append(arg)
     return out
@@ -89,21 +101,31 @@ def run_training(cfg: DictConfig) -> float:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         result = train(cfg, job)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
-        console.print("[bold yellow]stopped by you[/]: the run is marked KILLED; run the same "
-                      "command again to resume", highlight=False)  # fmt: skip
+        console.print(
+            "[bold yellow]stopped by you[/]: the run is marked KILLED; run the same "
+            "command again to resume",
+            highlight=False,
+        )
         raise SystemExit(130) from None
     except Exception as e:
         if _store_gone(e):
             if job.in_sweep:
-                fail(f"{describe(e)}. The sweep stops here; finished jobs are safe in the store. "
-                     "Run the same command again once the store is back to resume.", 3)  # fmt: skip
+                fail(
+                    f"{describe(e)}. The sweep stops here; finished jobs are safe in the store. "
+                    "Run the same command again once the store is back to resume.",
+                    3,
+                )
             if isinstance(e, EquipError):  # before any work: a setting to fix
                 fail(str(e), 2)
-            fail(f"the tracking store went away during the run ({describe(e)}). Run the same "
-                 "command again once it is back.", 3)  # fmt: skip
+            fail(
+                f"the tracking store went away during the run ({describe(e)}). Run the same "
+                "command again once it is back.",
+                3,
+            )
         if job.in_sweep and job.continue_on_failure:
-            console.print(f"[bold red]job failed[/] (the sweep goes on): {describe(e)}",
-                          highlight=False)  # fmt: skip
+            console.print(
+                f"[bold red]job failed[/] (the sweep goes on): {describe(e)}", highlight=False
+            )
             return FAILED_JOB_SCORE
         if isinstance(e, EquipError):
             fail(str(e), 2)
@@ -147,8 +169,10 @@ def report(cfg: DictConfig, result: dict) -> float:
 
     m = result["metrics"]
     if result.get("skipped"):
-        console.print(f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run "
-                      f"{result['run_id']}", highlight=False)  # fmt: skip
+        console.print(
+            f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run {result['run_id']}",
+            highlight=False,
+        )
     else:
         print_done(result)
     value = float(m.get(f"best_{cfg.trainer.monitor}", math.nan))
@@ -158,16 +182,29 @@ def report(cfg: DictConfig, result: dict) -> float:
 def print_done(result: dict) -> None:
     m = result["metrics"]
     if "best_val_acc" not in m:  # a final fit: no val images, the CV sweep's estimate instead
-        cv = (f"CV estimate val_acc {m['cv_mean_best_val_acc']:.3f} over {m['cv_folds']:.0f} "
-              "folds" if "cv_mean_best_val_acc" in m else "no CV estimate")  # fmt: skip
-        console.print(f"[bold green]done[/] {result['run_name']}: final fit on every image, "
-                      f"{m['epochs_trained']:.0f} epochs, trained in {m['train_time_s']:.0f} s; "
-                      f"{cv}", highlight=False)  # fmt: skip
+        cv = (
+            f"CV estimate val_acc {m['cv_mean_best_val_acc']:.3f} over {m['cv_folds']:.0f} folds"
+            if "cv_mean_best_val_acc" in m
+            else "no CV estimate"
+        )
+        console.print(
+            f"[bold green]done[/] {result['run_name']}: final fit on every image, "
+            f"{m['epochs_trained']:.0f} epochs, trained in {m['train_time_s']:.0f} s; "
+            f"{cv}",
+            highlight=False,
+        )
     else:
-        where = (f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
-                 if "best_epoch" in m else "")  # fmt: skip
-        ci = (f" [95% CI {m['best_val_acc_ci_low']:.3f}-{m['best_val_acc_ci_high']:.3f}, "
-              f"n={m['val_images']:.0f}]" if "val_images" in m else "")  # fmt: skip
+        where = (
+            f" (epoch {m['best_epoch'] + 1:.0f} of {m['epochs_trained']:.0f})"
+            if "best_epoch" in m
+            else ""
+        )
+        ci = (
+            f" [95% CI {m['best_val_acc_ci_low']:.3f}-{m['best_val_acc_ci_high']:.3f}, "
+            f"n={m['val_images']:.0f}]"
+            if "val_images" in m
+            else ""
+        )
         console.print(
             f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{ci}"
             f"{where}, macro-F1 {m['best_val_macro_f1']:.3f}, trained in "

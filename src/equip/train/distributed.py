@@ -18,8 +18,15 @@ from contextlib import contextmanager
 RESUME_ENV = "EQUIP_RESUME_CHECKPOINT"  # rank 0 -> other ranks: the last.ckpt to resume from
 # What Lightning's launcher exports in rank 0. Left behind, the next sweep job in this process
 # would take LOCAL_RANK as "started by a cluster" and wait forever for ranks nobody starts.
-LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE",
-                "OMP_NUM_THREADS", RESUME_ENV)  # fmt: skip
+LAUNCHER_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "OMP_NUM_THREADS",
+    RESUME_ENV,
+)
 
 
 def is_rank_zero() -> bool:

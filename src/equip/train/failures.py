@@ -82,9 +82,11 @@ def _record_failed_child(error: BaseException, cfg: DictConfig, job: JobContext)
     run = client.create_run(
         exp_id,
         run_name=tracking.run_name(cfg, job.name_overrides()),
-        tags={schema.PARENT: job.parent_run_id or "",
-              schema.CONFIG_HASH: config_hash(cfg, "unknown"),
-              schema.ERROR: schema.truncate(describe(error))},
-    )  # fmt: skip
+        tags={
+            schema.PARENT: job.parent_run_id or "",
+            schema.CONFIG_HASH: config_hash(cfg, "unknown"),
+            schema.ERROR: schema.truncate(describe(error)),
+        },
+    )
     client.log_text(run.info.run_id, describe(error) + "\n", "error.txt")
     client.set_terminated(run.info.run_id, "FAILED")

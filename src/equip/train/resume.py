@@ -32,8 +32,9 @@ def find_run(cfg: DictConfig, experiment_id: str, cfg_hash: str) -> str:
     client = MlflowClient()
     wanted = str(cfg.resume)
     if wanted == "last":
-        runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"],
-                                  max_results=50)  # fmt: skip
+        runs = client.search_runs(
+            [experiment_id], order_by=["attributes.start_time DESC"], max_results=50
+        )
         ids = [r.info.run_id for r in runs if r.info.status in UNFINISHED]
         found = [i for i in ids if (checkpoint_dir(cfg, i) / LAST).exists()]
         if not found:
@@ -76,8 +77,9 @@ def unfinished_twin(cfg: DictConfig, experiment_id: str, parent_id: str, cfg_has
     client = MlflowClient()
     for status in ("KILLED", "FAILED"):
         flt = schema.children_of(parent_id, status, cfg_hash)
-        for run in client.search_runs([experiment_id], flt,
-                                      order_by=["attributes.start_time DESC"]):  # fmt: skip
+        for run in client.search_runs(
+            [experiment_id], flt, order_by=["attributes.start_time DESC"]
+        ):
             if (checkpoint_dir(cfg, run.info.run_id) / LAST).exists():
                 return run.info.run_id
     return None

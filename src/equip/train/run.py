@@ -91,34 +91,50 @@ def train(
             cv, epochs = final_fit_plan(cfg, exp_id, key)
             if cv is not None:
                 cv_tags[schema.CV_PARENT] = cv.parent_id
-                cv_metrics = {f"cv_mean_{cfg.registry.metric}": cv.mean,
-                              "cv_folds": float(cv.folds)}  # fmt: skip
+                cv_metrics = {
+                    f"cv_mean_{cfg.registry.metric}": cv.mean,
+                    "cv_folds": float(cv.folds),
+                }
             cv_tags[schema.FINAL_FIT] = "true"
         resume_id = resume.find_run(cfg, exp_id, cfg_hash) if cfg.resume else None
         if job.in_sweep and job.resume and resume_id is None:
             twin = finished_twin(exp_id, job.parent_run_id, cfg_hash)
             if twin is not None:  # a resumed sweep: this exact config already finished
                 where = tracking.run_location(uri, exp_id, twin.info.run_id)
-                return {"run_id": twin.info.run_id, "run_name": twin.info.run_name,
-                        "skipped": True, "metrics": twin.data.metrics, "experiment_id": exp_id,
-                        "location": where}  # fmt: skip
+                return {
+                    "run_id": twin.info.run_id,
+                    "run_name": twin.info.run_name,
+                    "skipped": True,
+                    "metrics": twin.data.metrics,
+                    "experiment_id": exp_id,
+                    "location": where,
+                }
             if cnn and d.cache_dir:  # cut off mid-training: continue from its last checkpoint
                 resume_id = resume.unfinished_twin(cfg, exp_id, job.parent_run_id, cfg_hash)
-        tags = {schema.VERSION: __version__, schema.DATA_FINGERPRINT: images.fingerprint,
-                schema.DATA_SOURCE: images.source, schema.CONFIG_HASH: cfg_hash,
-                schema.MODEL_KIND: str(cfg.model.name), schema.CV_KEY: key, **cv_tags,
-                **job.extra_tags, **store.process_tags(),
-                **tracking.git_tags(Path(__file__).parent)}  # fmt: skip
+        tags = {
+            schema.VERSION: __version__,
+            schema.DATA_FINGERPRINT: images.fingerprint,
+            schema.DATA_SOURCE: images.source,
+            schema.CONFIG_HASH: cfg_hash,
+            schema.MODEL_KIND: str(cfg.model.name),
+            schema.CV_KEY: key,
+            **cv_tags,
+            **job.extra_tags,
+            **store.process_tags(),
+            **tracking.git_tags(Path(__file__).parent),
+        }
         if resume_id is not None:
             run = mlflow.start_run(run_id=resume_id)
-            mlflow.set_tags({schema.DATA_SOURCE: images.source, schema.RESUMED: "true",
-                             **store.process_tags()})  # fmt: skip
+            mlflow.set_tags(
+                {schema.DATA_SOURCE: images.source, schema.RESUMED: "true", **store.process_tags()}
+            )
             if schema.ERROR in run.data.tags:  # the error that cut it off is history now
                 mlflow.delete_tag(schema.ERROR)
             name = run.info.run_name
         else:
-            run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags,
-                                   parent_run_id=job.parent_run_id)  # fmt: skip
+            run = mlflow.start_run(
+                experiment_id=exp_id, run_name=name, tags=tags, parent_run_id=job.parent_run_id
+            )
         run_id = run.info.run_id
         log.info("MLflow run %s (%s)%s", name, run_id, " resumed" if resume_id else "")
         if d.cache_dir and cnn:  # kept until the run FINISHES: resume= continues from last.ckpt
@@ -136,13 +152,17 @@ def train(
             if cfg.tracking.log_model:  # raw images in, like the CNN's pyfunc
                 from equip.serve.baseline_pyfunc import log_baseline_pyfunc
 
-                result["model_uri"] = log_baseline_pyfunc(pipeline, images.classes,
-                                                          cfg.data.image_size)  # fmt: skip
+                result["model_uri"] = log_baseline_pyfunc(
+                    pipeline, images.classes, cfg.data.image_size
+                )
         else:
             extra = list(callbacks)
             if job.in_sweep and job.median_stop is not None:
-                extra.append(MedianStopping(run_id, exp_id, job.parent_run_id,
-                                            cfg.trainer.monitor, job.median_stop))  # fmt: skip
+                extra.append(
+                    MedianStopping(
+                        run_id, exp_id, job.parent_run_id, cfg.trainer.monitor, job.median_stop
+                    )
+                )
             last = str(ckpt_dir / resume.LAST) if resume_id else None
             result = _fit_cnn(cfg, images, split, run_id, checkpoint, extra, last, epochs)
         if cv_metrics:
@@ -165,8 +185,12 @@ def train(
     mlflow.end_run("FINISHED")
     if ckpt_dir is not None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # best.ckpt is in the run now
-    result.update(run_id=run_id, run_name=name, experiment_id=exp_id,
-                  location=tracking.run_location(uri, exp_id, run_id))  # fmt: skip
+    result.update(
+        run_id=run_id,
+        run_name=name,
+        experiment_id=exp_id,
+        location=tracking.run_location(uri, exp_id, run_id),
+    )
     return result
 
 
@@ -181,8 +205,9 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
     checkpoint = _checkpoint(cfg, Path(tempfile.gettempdir()))
     extra = list(callbacks)
     if job.in_sweep and job.median_stop is not None:  # takes part in rank 0's decision
-        extra.append(MedianStopping(None, "", job.parent_run_id or "", cfg.trainer.monitor,
-                                    job.median_stop))  # fmt: skip
+        extra.append(
+            MedianStopping(None, "", job.parent_run_id or "", cfg.trainer.monitor, job.median_stop)
+        )
     module, trainer, dm, epochs = _trainer(cfg, images, split, None, checkpoint, extra)
     trainer.fit(module, dm, ckpt_path=distributed.resume_checkpoint())
     distributed.leave_group()
@@ -197,9 +222,14 @@ def _split(cfg: DictConfig, images: ImageSet) -> np.ndarray:
 def _checkpoint(cfg: DictConfig, dirpath: Path) -> ModelCheckpoint:
     """best.ckpt by trainer.monitor and last.ckpt (resume=); a final fit has no score to watch."""
     t = cfg.trainer
-    return ModelCheckpoint(dirpath=dirpath, filename="best", save_top_k=1, save_last=True,
-                           monitor=None if cfg.final_fit else t.monitor,
-                           mode=schema.monitor_mode(t.monitor))  # fmt: skip
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="best",
+        save_top_k=1,
+        save_last=True,
+        monitor=None if cfg.final_fit else t.monitor,
+        mode=schema.monitor_mode(t.monitor),
+    )
 
 
 def _log_inputs(cfg: DictConfig, overrides: Sequence[str], images: ImageSet, split: np.ndarray):
@@ -245,8 +275,9 @@ def _trainer(
     epochs = EpochMetrics(run_id, history)
     callbacks: list[pl.Callback] = [checkpoint, epochs, *extra_callbacks]
     if t.patience > 0 and not final_fit:
-        callbacks.append(EarlyStopping(t.monitor, patience=t.patience,
-                                       mode=schema.monitor_mode(t.monitor)))  # fmt: skip
+        callbacks.append(
+            EarlyStopping(t.monitor, patience=t.patience, mode=schema.monitor_mode(t.monitor))
+        )
     if cfg.model.ema_decay:  # validated and checkpointed with the averaged weights
         callbacks.append(EMAWeightAveraging(decay=cfg.model.ema_decay))
     if t.progress_bar and run_id is not None:
@@ -255,17 +286,24 @@ def _trainer(
     if distributed_run:
         distributed.use_job_command()
     trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator),
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
-        max_epochs=n_epochs or t.max_epochs, logger=False, callbacks=callbacks,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision, t.accelerator),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        max_epochs=n_epochs or t.max_epochs,
+        logger=False,
+        callbacks=callbacks,
         enable_progress_bar=t.progress_bar and run_id is not None,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=0 if final_fit else t.limit_val_batches,
         # Our loaders shard themselves: val/test without the padding duplicates Lightning adds.
         use_distributed_sampler=False,
-    )  # fmt: skip
+    )
     dm = ImageDataModule(images, split, cfg.data, cfg.seed)
     return module, trainer, dm, epochs
 
@@ -282,14 +320,19 @@ def _fit_cnn(
 ) -> dict[str, Any]:
     final_fit = not (split == "val").any()
     history = resume.logged_history(run_id) if resume_from else None
-    module, trainer, dm, epochs = _trainer(cfg, images, split, run_id, checkpoint,
-                                           extra_callbacks, history, n_epochs)  # fmt: skip
+    module, trainer, dm, epochs = _trainer(
+        cfg, images, split, run_id, checkpoint, extra_callbacks, history, n_epochs
+    )
     if resume_from is None:
-        mlflow.log_params({
-            "arch.params": sum(p.numel() for p in module.parameters()),
-            "arch.mflops_per_image": round(mflops_per_image(module.net, cfg.data.image_size), 3),
-            "runtime.precision": trainer.precision,  # what trainer.precision=auto chose
-        })  # fmt: skip
+        mlflow.log_params(
+            {
+                "arch.params": sum(p.numel() for p in module.parameters()),
+                "arch.mflops_per_image": round(
+                    mflops_per_image(module.net, cfg.data.image_size), 3
+                ),
+                "runtime.precision": trainer.precision,  # what trainer.precision=auto chose
+            }
+        )
     t = cfg.trainer
     mode = schema.monitor_mode(t.monitor)
     t0 = time.perf_counter()
@@ -319,8 +362,9 @@ def _fit_cnn(
         tracking.log_metrics(run_id, final, step=len(epochs.history))
     else:
         y_true, probs = _predict(model, dm.subset("val"), cfg.data.batch_size)
-        final = reports.log_evaluation(run_id, images.classes, y_true, probs, final,
-                                       len(epochs.history))  # fmt: skip
+        final = reports.log_evaluation(
+            run_id, images.classes, y_true, probs, final, len(epochs.history)
+        )
     if epochs.history:
         fig = reports.learning_curves_figure(epochs.history)
         mlflow.log_figure(fig, "eval/learning_curves.png")

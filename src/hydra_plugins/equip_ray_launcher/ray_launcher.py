@@ -34,5 +34,6 @@ class RayLauncher(Launcher):
 
         assert self.config and self.hydra_context and self.task_function
         # The settings are read from self.config.hydra.launcher.ray, like the callback does.
-        return launch(self.config, self.hydra_context, self.task_function, job_overrides,
-                      initial_job_idx)  # fmt: skip
+        return launch(
+            self.config, self.hydra_context, self.task_function, job_overrides, initial_job_idx
+        )

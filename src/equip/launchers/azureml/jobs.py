@@ -65,8 +65,15 @@ class Settings:
         known = {f.name for f in fields(cls)}
         s = cls(**{k: v for k, v in dict(values).items() if k in known})
         py = s.python or f"{sys.version_info.major}.{sys.version_info.minor}"
-        return cls(**{**s.__dict__, "python": py, "max_concurrent": max(1, int(s.max_concurrent)),
-                      "dry_run": bool(s.dry_run), "poll_s": float(s.poll_s)})  # fmt: skip
+        return cls(
+            **{
+                **s.__dict__,
+                "python": py,
+                "max_concurrent": max(1, int(s.max_concurrent)),
+                "dry_run": bool(s.dry_run),
+                "poll_s": float(s.poll_s),
+            }
+        )
 
 
 @dataclass
@@ -109,17 +116,22 @@ def require_sdk(what: str) -> None:
 def check_settings(config: DictConfig, compute: str | None, prefix: str) -> None:
     """Everything that can be wrong before the SDK is touched, as one EquipError."""
     if not compute:
-        raise EquipError(f"Azure ML needs {prefix}.compute=NAME, the name of a compute cluster "
-                         "in the workspace.")  # fmt: skip
+        raise EquipError(
+            f"Azure ML needs {prefix}.compute=NAME, the name of a compute cluster in the workspace."
+        )
     if not COMPUTE_NAME.match(str(compute)) or str(compute).endswith("-"):
-        raise EquipError(f"{prefix}.compute={compute!r} is not an Azure ML compute name: 2-24 "
-                         "letters, digits or hyphens, starting with a letter, e.g. "
-                         f"{prefix}.compute=cpu-cluster.")  # fmt: skip
+        raise EquipError(
+            f"{prefix}.compute={compute!r} is not an Azure ML compute name: 2-24 "
+            "letters, digits or hyphens, starting with a letter, e.g. "
+            f"{prefix}.compute=cpu-cluster."
+        )
     kind = config.tracking.get("kind")
     if kind != "azureml" and not str(store.USER_TRACKING_URI or "").startswith("azureml:"):
-        raise EquipError("Azure ML jobs log to the workspace: add tracking=azureml with "
-                         "tracking.config_path=config.json (or tracking.subscription_id, "
-                         "tracking.resource_group, tracking.workspace_name).")  # fmt: skip
+        raise EquipError(
+            "Azure ML jobs log to the workspace: add tracking=azureml with "
+            "tracking.config_path=config.json (or tracking.subscription_id, "
+            "tracking.resource_group, tracking.workspace_name)."
+        )
     store._workspace(config.tracking)  # names the missing keys
 
 
@@ -127,8 +139,10 @@ def check_settings(config: DictConfig, compute: str | None, prefix: str) -> None
 def project_root_of(script: Path) -> Path:
     root = script.resolve().parent
     if not (root / "pyproject.toml").exists():
-        raise EquipError(f"{root} has no pyproject.toml: Azure ML jobs ship the project folder "
-                         "and build their environment from pyproject.toml.")  # fmt: skip
+        raise EquipError(
+            f"{root} has no pyproject.toml: Azure ML jobs ship the project folder "
+            "and build their environment from pyproject.toml."
+        )
     return root
 
 
@@ -160,8 +174,11 @@ def conda_spec(project: Path, python: str, pins: str, extra_index_url: str | Non
     pip = pip_requirements(project, pins)
     if extra_index_url:
         pip.insert(0, f"--extra-index-url {extra_index_url}")
-    return {"name": "equip", "channels": ["conda-forge"],
-            "dependencies": [f"python={python}", "pip", {"pip": pip}]}  # fmt: skip
+    return {
+        "name": "equip",
+        "channels": ["conda-forge"],
+        "dependencies": [f"python={python}", "pip", {"pip": pip}],
+    }
 
 
 def build_environment(project: Path, s: Settings) -> Any:
@@ -170,9 +187,10 @@ def build_environment(project: Path, s: Settings) -> Any:
     from azure.ai.ml.entities import Environment
 
     return Environment(
-        image=s.image, conda_file=conda_spec(project, str(s.python), s.pins, s.pip_extra_index_url),
+        image=s.image,
+        conda_file=conda_spec(project, str(s.python), s.pins, s.pip_extra_index_url),
         description="equip: generated from pyproject.toml by equip.launchers.azureml.jobs",
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -187,8 +205,10 @@ def data_input(cfg: DictConfig, cwd: Path) -> tuple[str | None, Path | None]:
     local = Path(root).expanduser()
     local = (local if local.is_absolute() else cwd / local).resolve()
     if not local.is_dir():
-        raise EquipError(f"data.root={root}: no such folder ({local}); give a local folder to "
-                         "upload or an azureml:NAME:VERSION / azureml:// data path.")  # fmt: skip
+        raise EquipError(
+            f"data.root={root}: no such folder ({local}); give a local folder to "
+            "upload or an azureml:NAME:VERSION / azureml:// data path."
+        )
     return str(local), local
 
 
@@ -241,10 +261,19 @@ def command_line(args: Sequence[str]) -> str:
 
 
 def command_job(
-    *, name: str, display: str, experiment: str, description: str, command: str, project: Path,
-    environment: Any, s: Settings, data_path: str | None, env: dict[str, str],
+    *,
+    name: str,
+    display: str,
+    experiment: str,
+    description: str,
+    command: str,
+    project: Path,
+    environment: Any,
+    s: Settings,
+    data_path: str | None,
+    env: dict[str, str],
     tags: dict[str, str] | None = None,
-) -> Any:  # fmt: skip
+) -> Any:
     """The SDK's CommandJob (what `az ml job create --file` would read)."""
     from azure.ai.ml import Input
     from azure.ai.ml import command as command_node
@@ -253,11 +282,18 @@ def command_job(
     if data_path is not None:
         inputs["data"] = Input(type="uri_folder", path=data_path, mode=s.data_mode)
     node = command_node(
-        name=name, display_name=display[: schema.MAX_RUN_NAME], experiment_name=experiment,
-        description=description[:1000], command=command, code=str(project),
-        environment=environment, compute=s.compute, inputs=inputs,
-        environment_variables={"PYTHONPATH": "src", **env}, tags=tags or {},
-    )  # fmt: skip
+        name=name,
+        display_name=display[: schema.MAX_RUN_NAME],
+        experiment_name=experiment,
+        description=description[:1000],
+        command=command,
+        code=str(project),
+        environment=environment,
+        compute=s.compute,
+        inputs=inputs,
+        environment_variables={"PYTHONPATH": "src", **env},
+        tags=tags or {},
+    )
     return node._to_job()
 
 
@@ -275,5 +311,6 @@ def write_job_file(j: AzureJob, path: Path) -> None:
         load_job(path)._validate().try_raise()  # offline
     except Exception as e:
         why = str(e).splitlines()[0]
-        raise EquipError(f"job {j.idx} ({' '.join(j.overrides)}) does not pass the Azure ML "
-                         f"job schema: {why}") from None  # fmt: skip
+        raise EquipError(
+            f"job {j.idx} ({' '.join(j.overrides)}) does not pass the Azure ML job schema: {why}"
+        ) from None

@@ -91,8 +91,10 @@ class AzureMLLauncher(Launcher):
         ctx = sweep_job.JobContext.from_environment(config, [])
         parent = sweep_job.DRY_RUN_PARENT if s.dry_run else ctx.parent_run_id
         if not parent:
-            raise EquipError("hydra/launcher=azureml runs only in a sweep (python train.py -m ...)"
-                             " with the equip.sweep.callback.SweepTracker callback.")  # fmt: skip
+            raise EquipError(
+                "hydra/launcher=azureml runs only in a sweep (python train.py -m ...)"
+                " with the equip.sweep.callback.SweepTracker callback."
+            )
         built = [
             self._build(initial_job_idx + i, list(o), project, environment, parent, ctx.swept_keys)
             for i, o in enumerate(job_overrides)
@@ -102,9 +104,14 @@ class AzureMLLauncher(Launcher):
         return self._run(built, parent, sweep_dir)
 
     def _build(
-        self, idx: int, overrides: list[str], project: Path, environment: Any, parent: str,
+        self,
+        idx: int,
+        overrides: list[str],
+        project: Path,
+        environment: Any,
+        parent: str,
         swept: Sequence[str],
-    ) -> AzureJob:  # fmt: skip
+    ) -> AzureJob:
         assert self.config is not None and self.hydra_context is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(cfg):
@@ -116,19 +123,30 @@ class AzureMLLauncher(Launcher):
         data_path, local = jobs.data_input(cfg, Path(str(cwd)))
         key = jobs.launch_key(overrides, local or data_path)
         # A failed training fails the Azure ML job: the launcher decides for the sweep.
-        args = [*jobs.remote_arguments(cfg, overrides, data_path is not None),
-                "multirun.continue_on_failure=false", REMOTE_CALLBACK]  # fmt: skip
+        args = [
+            *jobs.remote_arguments(cfg, overrides, data_path is not None),
+            "multirun.continue_on_failure=false",
+            REMOTE_CALLBACK,
+        ]
         shown = redact_overrides(jobs.identity_overrides(overrides))
         command = jobs.command_job(
-            name=name, display=display, project=project, environment=environment,
+            name=name,
+            display=display,
+            project=project,
+            environment=environment,
             experiment=self.settings.experiment_name or f"{cfg.tracking.experiment}-jobs",
             description=f"equip sweep job {idx}: {' '.join(shown)}",
-            command=jobs.command_line(args), s=self.settings, data_path=data_path,
-            env={sweep_job.PARENT_ENV: parent, sweep_job.SWEPT_ENV: ",".join(swept),
-                 # Tags of the child run the job creates: how this launcher finds it again.
-                 "MLFLOW_RUN_CONTEXT": json.dumps({jobs.JOB_TAG: name, jobs.KEY_TAG: key})},
+            command=jobs.command_line(args),
+            s=self.settings,
+            data_path=data_path,
+            env={
+                sweep_job.PARENT_ENV: parent,
+                sweep_job.SWEPT_ENV: ",".join(swept),
+                # Tags of the child run the job creates: how this launcher finds it again.
+                "MLFLOW_RUN_CONTEXT": json.dumps({jobs.JOB_TAG: name, jobs.KEY_TAG: key}),
+            },
             tags={"equip.parent_run_id": parent, jobs.KEY_TAG: key, "equip.job_idx": str(idx)},
-        )  # fmt: skip
+        )
         return AzureJob(idx, overrides, cfg, name, display, key, command, local)
 
     def _write_dry_run(self, built: list[AzureJob], sweep_dir: Path) -> list[JobReturn]:
@@ -136,8 +154,10 @@ class AzureMLLauncher(Launcher):
             jobs.write_job_file(j, sweep_dir / f"{j.name}.azureml.yaml")
             # 0.0, not NaN: Optuna (2.10, as hydra-optuna-sweeper pins it) rejects NaN values.
             j.result = job_return(j, 0.0, JobStatus.COMPLETED, sweep_dir)
-        console.print(f"dry run: {len(built)} Azure ML job(s) validated, nothing submitted; job "
-                      f"files in {sweep_dir.resolve()}/*.azureml.yaml")  # fmt: skip
+        console.print(
+            f"dry run: {len(built)} Azure ML job(s) validated, nothing submitted; job "
+            f"files in {sweep_dir.resolve()}/*.azureml.yaml"
+        )
         return [j.result for j in built]
 
     def _run(self, built: list[AzureJob], parent: str, sweep_dir: Path) -> list[JobReturn]:
@@ -154,13 +174,17 @@ class AzureMLLauncher(Launcher):
             if twin is None:
                 todo.append(j)
                 continue
-            console.print(f"[yellow]skipped[/] {escape(j.display_name)}: already FINISHED as run "
-                          f"{twin.info.run_id}")  # fmt: skip
+            console.print(
+                f"[yellow]skipped[/] {escape(j.display_name)}: already FINISHED as run "
+                f"{twin.info.run_id}"
+            )
             j.result = job_return(j, monitored(j.cfg, twin), JobStatus.COMPLETED, sweep_dir)
         waiting, active = list(todo), []
         if todo:
-            console.print(f"submitting {len(todo)} job(s) to Azure ML compute {s.compute}, "
-                          f"{s.max_concurrent} at a time")  # fmt: skip
+            console.print(
+                f"submitting {len(todo)} job(s) to Azure ML compute {s.compute}, "
+                f"{s.max_concurrent} at a time"
+            )
         try:
             while waiting or active:
                 while waiting and len(active) < s.max_concurrent:
@@ -175,8 +199,10 @@ class AzureMLLauncher(Launcher):
         except (KeyboardInterrupt, EquipError) as stop:  # Ctrl-C, or Azure refused something
             service.cancel(active)
             why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped"
-            console.print(f"[bold red]{why}:[/] cancelled {len(active)} Azure ML job(s); "
-                          f"{len(waiting)} were never submitted")  # fmt: skip
+            console.print(
+                f"[bold red]{why}:[/] cancelled {len(active)} Azure ML job(s); "
+                f"{len(waiting)} were never submitted"
+            )
             raise
         return [j.result for j in built]
 
@@ -184,17 +210,20 @@ class AzureMLLauncher(Launcher):
         self, j: AzureJob, mlflow_client: Any, exp_id: str, parent: str, sweep_dir: Path
     ) -> JobReturn:
         runs = mlflow_client.search_runs(
-            [exp_id], f"{schema.children_of(parent)} and tags.`{jobs.JOB_TAG}` = '{j.name}'",
+            [exp_id],
+            f"{schema.children_of(parent)} and tags.`{jobs.JOB_TAG}` = '{j.name}'",
             max_results=1,
-        )  # fmt: skip
+        )
         run = runs[0] if runs else None
         if run is None and j.status == "Completed":  # skipped inside the job: a FINISHED twin
             run = finished_children(mlflow_client, exp_id, parent).get(j.launch_key)
         if j.status == "Completed" and run is not None and run.info.status == "FINISHED":
             metric = f"best_{j.cfg.trainer.monitor}"
             score = run.data.metrics.get(metric, math.nan)
-            console.print(f"[bold green]done[/] {escape(j.display_name)}: {metric} {score:.4f} "
-                          f"(run {run.info.run_id})")  # fmt: skip
+            console.print(
+                f"[bold green]done[/] {escape(j.display_name)}: {metric} {score:.4f} "
+                f"(run {run.info.run_id})"
+            )
             return job_return(j, monitored(j.cfg, run), JobStatus.COMPLETED, sweep_dir)
         why = f"Azure ML job {j.name} ended {j.status}" + (
             f", its run is {run.info.status}" if run is not None else ", it recorded no run"
@@ -222,6 +251,12 @@ def job_return(j: AzureJob, value: Any, status: JobStatus, sweep_dir: Path) -> J
     hydra_cfg = OmegaConf.create({"hydra": cfg.hydra})
     with open_dict(cfg):
         del cfg["hydra"]
-    return JobReturn(overrides=j.overrides, cfg=cfg, hydra_cfg=hydra_cfg,
-                     working_dir=str(sweep_dir), task_name=str(hydra_cfg.hydra.job.name),
-                     status=status, _return_value=value)  # fmt: skip
+    return JobReturn(
+        overrides=j.overrides,
+        cfg=cfg,
+        hydra_cfg=hydra_cfg,
+        working_dir=str(sweep_dir),
+        task_name=str(hydra_cfg.hydra.job.name),
+        status=status,
+        _return_value=value,
+    )

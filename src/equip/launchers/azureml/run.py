@@ -58,27 +58,35 @@ class SubmitRun(Callback):
         check_config(config)  # a bad config fails here, not after the cluster has started
         jobs.require_sdk("+launch=azureml")
         project = jobs.project_root_of(Path(sys.argv[0]))
-        overrides = [o for o in config.hydra.overrides.task if jobs.key_of(o).split(".")[0]
-                     != "launch"]  # fmt: skip
+        overrides = [
+            o for o in config.hydra.overrides.task if jobs.key_of(o).split(".")[0] != "launch"
+        ]
         cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
         data_path, local = jobs.data_input(config, Path(str(cwd)))
         args = jobs.remote_arguments(config, overrides, data_path is not None)
         name = f"equip-{jobs.new_tag()}"
         display = tracking.run_name(config, overrides)
         command = jobs.command_job(
-            name=name, display=display, project=project, s=s,
+            name=name,
+            display=display,
+            project=project,
+            s=s,
             experiment=s.experiment_name or str(config.tracking.experiment),
             description=f"equip run: {' '.join(redact_overrides(args))}",
-            command=jobs.command_line(args), environment=jobs.build_environment(project, s),
-            data_path=data_path, env={},
-        )  # fmt: skip
+            command=jobs.command_line(args),
+            environment=jobs.build_environment(project, s),
+            data_path=data_path,
+            env={},
+        )
         j = AzureJob(0, overrides, config, name, display, "", command, local)
         if s.dry_run:
             path = Path(str(config.hydra.run.dir)) / f"{name}.azureml.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             jobs.write_job_file(j, path)
-            console.print(f"dry run: the Azure ML job is validated, nothing submitted; job file "
-                          f"{path.resolve()}")  # fmt: skip
+            console.print(
+                f"dry run: the Azure ML job is validated, nothing submitted; job file "
+                f"{path.resolve()}"
+            )
             return 0
         service = self.service(config, s)
         service.submit(j)
@@ -102,13 +110,17 @@ class SubmitRun(Callback):
         except Exception:
             run = None
         if j.status != "Completed" or run is None or run.info.status != "FINISHED":
-            console.print(f"[bold red]failed:[/] Azure ML job {j.name} ended {j.status}; its "
-                          f"log is in Studio: {j.url}")  # fmt: skip
+            console.print(
+                f"[bold red]failed:[/] Azure ML job {j.name} ended {j.status}; its "
+                f"log is in Studio: {j.url}"
+            )
             return 1
         m = run.data.metrics
         acc, f1 = m.get("best_val_acc", math.nan), m.get("best_val_macro_f1", math.nan)
-        console.print(f"[bold green]done[/] {escape(run.info.run_name or j.name)}: val_acc "
-                      f"{acc:.3f}, macro-F1 {f1:.3f} on Azure ML  {j.url}")  # fmt: skip
+        console.print(
+            f"[bold green]done[/] {escape(run.info.run_name or j.name)}: val_acc "
+            f"{acc:.3f}, macro-F1 {f1:.3f} on Azure ML  {j.url}"
+        )
         return 0
 
 

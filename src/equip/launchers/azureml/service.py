@@ -46,8 +46,13 @@ class azure_errors:  # noqa: N801  # used as `with azure_errors(what):`
                 f"cannot reach Azure for {self.what}: {text}. Check the network "
                 "or proxy; dry_run=true works offline."
             ) from None
-        if name in ("HttpResponseError", "ResourceNotFoundError", "ValidationException",
-                    "ValidationError", "UserErrorException"):  # fmt: skip
+        if name in (
+            "HttpResponseError",
+            "ResourceNotFoundError",
+            "ValidationException",
+            "ValidationError",
+            "UserErrorException",
+        ):
             raise EquipError(f"Azure ML refused {self.what}: {text}") from None
         return False
 
@@ -109,9 +114,15 @@ class JobService:
                         raise
                     where = escape(str(local))
                     console.print(f"uploading {where} as data asset {name}:{version} (once)")
-                    asset = self.client.data.create_or_update(Data(
-                        name=name, version=version, path=str(local), type="uri_folder",
-                        description=f"equip data.root={local}"))  # fmt: skip
+                    asset = self.client.data.create_or_update(
+                        Data(
+                            name=name,
+                            version=version,
+                            path=str(local),
+                            type="uri_folder",
+                            description=f"equip data.root={local}",
+                        )
+                    )
             self._uploaded[local] = f"azureml:{asset.name}:{asset.version}"
         return self._uploaded[local]
 
@@ -133,11 +144,15 @@ class JobService:
             self.poll_errors += 1
             if self.poll_errors >= MAX_POLL_ERRORS:
                 why = f"{type(e).__name__} {(str(e).strip().splitlines() or [''])[0]}"
-                raise EquipError(f"could not read the status of Azure ML job {j.name} "
-                                 f"{self.poll_errors} times in a row: {why}. Check the "
-                                 "network and your access.") from None  # fmt: skip
-            console.print(f"could not read the status of {j.name} ({type(e).__name__}); "
-                          "retrying at the next poll")  # fmt: skip
+                raise EquipError(
+                    f"could not read the status of Azure ML job {j.name} "
+                    f"{self.poll_errors} times in a row: {why}. Check the "
+                    "network and your access."
+                ) from None
+            console.print(
+                f"could not read the status of {j.name} ({type(e).__name__}); "
+                "retrying at the next poll"
+            )
             return j.status
         self.poll_errors = 0
         if status != j.status:

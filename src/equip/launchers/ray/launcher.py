@@ -242,8 +242,12 @@ def launch(
         ray.put(x) for x in (hydra_context, task_function, Singleton.get_state())
     )
     job_env = {k: os.environ[k] for k in (PARENT_ENV, SWEPT_ENV) if k in os.environ}
-    log.info("Ray launcher: %d job(s) on %d node(s), sweep output dir: %s",
-             len(job_overrides), len(session["hosts"]), sweep_dir)  # fmt: skip
+    log.info(
+        "Ray launcher: %d job(s) on %d node(s), sweep output dir: %s",
+        len(job_overrides),
+        len(session["hosts"]),
+        sweep_dir,
+    )
     refs = []
     for i, overrides in enumerate(job_overrides):
         idx = initial_job_idx + i
@@ -253,8 +257,15 @@ def launch(
             sweep_config.hydra.job.id = f"ray_{idx}"
             sweep_config.hydra.job.num = idx
             sweep_config.hydra.sweep.dir = str(sweep_dir)
-        ref = task.remote(context, sweep_config, function, singletons, os.getcwd(),
-                          float(remote.get("num_cpus") or 0), job_env)  # fmt: skip
+        ref = task.remote(
+            context,
+            sweep_config,
+            function,
+            singletons,
+            os.getcwd(),
+            float(remote.get("num_cpus") or 0),
+            job_env,
+        )
         refs.append((idx, overrides, ref))
     return _collect(ray, refs, _continue_on_failure(config))
 
@@ -273,9 +284,11 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
             except RayError as e:  # its node or worker process was lost
                 text = str(e).strip()
                 first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else ""
-                console.print(f"[bold red]job #{idx} {LOST_NODE}[/] ({type(e).__name__}: "
-                              f"{first}); run the same command again to rerun it",
-                              highlight=False)  # fmt: skip
+                console.print(
+                    f"[bold red]job #{idx} {LOST_NODE}[/] ({type(e).__name__}: "
+                    f"{first}); run the same command again to rerun it",
+                    highlight=False,
+                )
                 lost = _completed(overrides, FAILED_JOB_SCORE) if go_on else _failed(overrides, e)
                 results.append(lost)
     except BaseException:  # Ctrl-C: stop the jobs still queued or running
@@ -317,8 +330,10 @@ def _connect(init: DictConfig | dict) -> Any:
             ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = kwargs.get("address") or "a local instance"
-            console.print(f"[bold red]equip: error:[/] cannot start or reach Ray ({where}): {e}",
-                          highlight=False)  # fmt: skip
+            console.print(
+                f"[bold red]equip: error:[/] cannot start or reach Ray ({where}): {e}",
+                highlight=False,
+            )
             raise SystemExit(2) from None
     return ray
 
