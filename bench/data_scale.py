@@ -33,16 +33,16 @@ def cache_file(cache: Path, per_class: int, size: int) -> Path:
 
 def derive(cache: Path, big: int, small: int, size: int) -> None:
     """The per_class=small set, copied row by row out of the per_class=big one."""
-    from equip.data import imagestore
+    from equip.data import _imagestore
 
     target = cache_file(cache, small, size)
-    if imagestore.open_cached(target) is not None:
+    if _imagestore.open_cached(target) is not None:
         return
-    store, meta = imagestore.open_cached(cache_file(cache, big, size))  # type: ignore[misc]
+    store, meta = _imagestore.open_cached(cache_file(cache, big, size))  # type: ignore[misc]
     rows = [c * big + i for c in range(12) for i in range(small)]
     shas = [meta["sha256"][r] for r in rows]
     images = (store[[r]][0].numpy() for r in rows)
-    imagestore.write(target, (len(rows), 3, size, size), images, lambda: {"sha256": shas})
+    _imagestore.write(target, (len(rows), 3, size, size), images, lambda: {"sha256": shas})
 
 
 def child(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
@@ -87,7 +87,7 @@ def main() -> None:
     big = sizes[-1] // 12
     s = args.image_size
 
-    from equip.data import imagestore
+    from equip.data import _imagestore
 
     for n in args.draw or []:
         secs, rss = draw(n // 12, s, work / f"draw-{n}", work)
@@ -98,7 +98,7 @@ def main() -> None:
         )
     if args.draw:
         return
-    if imagestore.open_cached(cache_file(cache, big, s)) is None:
+    if _imagestore.open_cached(cache_file(cache, big, s)) is None:
         secs, rss = draw(big, s, cache, work)
         print(
             f"drew {big * 12} images of {s} px into the cache in {secs:.0f} s "

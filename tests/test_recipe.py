@@ -313,7 +313,7 @@ def test_search_literals_find_values_with_backslashes_and_quotes(store: str):
 
 def _cv(*overrides: str) -> tuple[str, list[dict]]:
     """A CV sweep run in-process: a parent run and one child per fold, as sweep=cv makes."""
-    from equip.sweep.job import JobContext
+    from equip.sweep.context import JobContext
     from equip.sweep.leaderboard import summarize
     from equip.train.run import train
 

@@ -225,9 +225,9 @@ def test_the_built_in_set_is_drawn_once_into_the_disk_cache_and_streamed(tmp_pat
 
     import torch
 
+    from equip.data import _imagestore
     from equip.data import images as data
-    from equip.data import imagestore
-    from equip.data.imagestore import DiskImages
+    from equip.data._imagestore import DiskImages
 
     cache = tmp_path / "cache"
     cfg = make_cfg(f"data.cache_dir={cache}", "data.ram_budget_mb=0")
@@ -256,7 +256,7 @@ def test_the_built_in_set_is_drawn_once_into_the_disk_cache_and_streamed(tmp_pat
     assert not list(cache.glob(".*tmp"))
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 100)
-    assert imagestore.open_cached(path) is None
+    assert _imagestore.open_cached(path) is None
     data._loaded.clear()
     again = data.load_images(cfg.data)
     assert again.source == "decoded" and again.fingerprint == first.fingerprint
@@ -267,7 +267,7 @@ def _big_cache(cache: Path, per_class: int, size: int) -> int:
     them all would take minutes). Returns its decoded bytes."""
     import hashlib
 
-    from equip.data import imagestore
+    from equip.data import _imagestore
     from equip.data.images import load_synthetic, synthetic_cache_file
 
     few = load_synthetic(4, size, 0).images.numpy()
@@ -275,7 +275,7 @@ def _big_cache(cache: Path, per_class: int, size: int) -> int:
     shas = [hashlib.sha256(str(k).encode()).hexdigest() for k in range(n)]
     rows = (few[(k // per_class) * 4 + k % 4] for k in range(n))
     path = synthetic_cache_file(cache, per_class, size, 0)
-    imagestore.write(path, (n, 3, size, size), rows, lambda: {"sha256": shas})
+    _imagestore.write(path, (n, 3, size, size), rows, lambda: {"sha256": shas})
     return n * 3 * size * size
 
 
@@ -376,8 +376,8 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
 def test_photos_become_one_cached_set_that_streams_past_the_ram_budget(tmp_path: Path):
     import torch
 
+    from equip.data._imagestore import DiskImages
     from equip.data.images import load_folder
-    from equip.data.imagestore import DiskImages
     from tests.conftest import write_pngs
 
     for c in ("a", "b"):

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from equip.sweep.callback import sweep_key, sweep_name, sweep_points, swept_keys
-from equip.sweep.job import JobContext, config_hash, swept_overrides
+from equip.sweep.context import JobContext, config_hash, swept_overrides
 from equip.sweep.leaderboard import rank
 from equip.track import schema
 from equip.track.record import config_params, run_name

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from equip.config.checks import check_decoded_size
-from equip.data import imagestore
-from equip.data.imagestore import DiskImages
+from equip.data import _imagestore
+from equip.data._imagestore import DiskImages
 from equip.errors import EquipError
 
 log = logging.getLogger(__name__)
@@ -214,18 +214,18 @@ def _rows_to_set(rows, cache_dir, fingerprint: str, n: int, size: int, budget: f
     path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{size}px-{fingerprint}.npy"
     row = 3 * size * size
     try:
-        if imagestore.open_cached(path) is None:
+        if _imagestore.open_cached(path) is None:
 
             def read_back():
                 rows.seek(0)
                 for _ in range(n):
                     yield np.frombuffer(rows.read(row), dtype=np.uint8)
 
-            imagestore.write(path, (n, 3, size, size), read_back(), dict)
+            _imagestore.write(path, (n, 3, size, size), read_back(), dict)
     finally:
         rows.close()
         os.unlink(rows.name)
-    cached = imagestore.open_cached(path)
+    cached = _imagestore.open_cached(path)
     assert cached is not None
     store = cached[0]
     return store.load() if store.nbytes <= budget * 2**20 else store
@@ -262,13 +262,13 @@ def load_synthetic(
         decoded = len(labels)
     else:
         path = synthetic_cache_file(cache_dir, per_class, image_size, seed)
-        cached = imagestore.open_cached(path)
+        cached = _imagestore.open_cached(path)
         if cached is None:
             check_decoded_size(
                 len(labels), image_size, str(cache_dir), f"data.per_class={per_class}"
             )
-            imagestore.write(path, shape, preprocessed(), lambda: {"sha256": shas})
-            cached = imagestore.open_cached(path)
+            _imagestore.write(path, shape, preprocessed(), lambda: {"sha256": shas})
+            cached = _imagestore.open_cached(path)
             decoded = len(labels)
         assert cached is not None
         store, meta = cached

@@ -1,7 +1,7 @@
 """From an ImageSet and its split to Lightning: augmentation, datasets, loaders, sharding.
 
 Images stay uint8 until the network's first layer; batches are read in one go, from RAM or from
-the disk cache (equip.data.imagestore), and each process of a ddp job reads its own shard.
+the disk cache (equip.data._imagestore), and each process of a ddp job reads its own shard.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from equip.data._imagestore import DiskImages
 from equip.data.images import ImageSet
-from equip.data.imagestore import DiskImages
 
 
 def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:

@@ -3,7 +3,7 @@
 Hydra runs the sweep (basic or Optuna sweeper; in-process, joblib, Ray or Azure ML launcher).
 `SweepTracker`, a Hydra callback, adds what Hydra and MLflow lack between them: the whole grid
 validated before the first job, a parent run created (or reused on resume) and exported to the
-jobs (equip.sweep.job), and the leaderboard at the end (equip.sweep.leaderboard).
+jobs (equip.sweep.context), and the leaderboard at the end (equip.sweep.leaderboard).
 
     python -m equip.sweep.callback report [PARENT_RUN_ID|latest]   # = python -m equip.leaderboard
 """
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from equip.errors import EquipError
-from equip.sweep import job
+from equip.sweep import context
 from equip.track import record as tracking
 from equip.track import schema, store
 from equip.track.redaction import redact_overrides, strip_secrets
@@ -61,7 +61,7 @@ def sweep_name(config: DictConfig, keys: list[str]) -> str:
     """'sweep smoke', or the swept values: 'sweep filters=[32,64],[32,64,128]'."""
     task = list(config.hydra.overrides.task)
     chosen = [o.split("=", 1)[1] for o in task if o.startswith("sweep=")]
-    swept = [o.split("=", 1) for o in job.swept_overrides(task, keys)]
+    swept = [o.split("=", 1) for o in context.swept_overrides(task, keys)]
     parts = [f"{k.split('.')[-1]}={v}" for k, v in swept]
     return " ".join(["sweep", *chosen[:1], *parts])[: schema.MAX_RUN_NAME]
 
@@ -118,7 +118,9 @@ class SweepTracker(Callback):
                     console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
                 raise SystemExit(2)
         if config.hydra.launcher.get("dry_run"):  # a launcher that only writes job files:
-            job.export_sweep(job.DRY_RUN_PARENT, swept_keys(config))  # no store, no parent run
+            context.export_sweep(
+                context.DRY_RUN_PARENT, swept_keys(config)
+            )  # no store, no parent run
             return
         try:
             store.connect(config.tracking)
@@ -169,7 +171,7 @@ class SweepTracker(Callback):
             )
             self.parent_id = run.info.run_id
         client.set_tag(self.parent_id, schema.LAST_SWEEP_DIR, sweep_dir)
-        job.export_sweep(self.parent_id, keys)
+        context.export_sweep(self.parent_id, keys)
         # Hydra skips on_multirun_end when a sweep aborts (Ctrl-C, a job raising with
         # continue_on_failure=false): end the parent anyway, with what its children have.
         atexit.register(self._end_if_aborted)
@@ -213,4 +215,4 @@ class SweepTracker(Callback):
             highlight=False,
             soft_wrap=True,
         )
-        job.clear_sweep()
+        context.clear_sweep()

@@ -2,7 +2,7 @@
 baseline's CV on the same folds, and the paired fold-by-fold comparison of the two.
 
 A CV sweep (sweep=cv, or data.fold=0,...,k-1 with data.folds=k) is one parent run with one
-child per fold; every run carries the config's CV key (equip.sweep.job.cv_key), so the final fit of
+child per fold; every run carries the config's CV key (`context.cv_key`), so the final fit of
 a config (final_fit=true) finds the estimate made for it.
 """
 

@@ -88,7 +88,7 @@ def run_training(cfg: DictConfig) -> float:
     """Train one job; return its monitored metric, negated when lower is better, so that an
     Optuna sweeper with direction=maximize always optimises the right way."""
     from equip.config.checks import check_config
-    from equip.sweep.job import FAILED_JOB_SCORE, JobContext
+    from equip.sweep.context import FAILED_JOB_SCORE, JobContext
     from equip.track.store import check_store
 
     job = JobContext.from_hydra(cfg)

@@ -1,7 +1,7 @@
 """`train(cfg, job)`: one config in, one trained model and one complete MLflow run out.
 
 A plain function of a config, so tests and sweeps call it directly; `train.py` only wraps it
-in Hydra. The job context (equip.sweep.job) says whether the run is a sweep's child.
+in Hydra. The job context (equip.sweep.context) says whether the run is a sweep's child.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from equip.data.loaders import ImageDataModule
 from equip.data.split import split_for, split_manifest
 from equip.model.cnn import Classifier, mflops_per_image
 from equip.runtime import apply_fast_path, exit_with, resolve_precision
-from equip.sweep.job import JobContext, config_hash, cv_key, finished_twin
+from equip.sweep.context import JobContext, config_hash, cv_key, finished_twin
 from equip.track import record as tracking
 from equip.track import reports, schema, store
 from equip.track.redaction import redact_overrides, redact_tree
-from equip.train import distributed, resume
-from equip.train.callbacks import EpochMetrics, MedianStopping
-from equip.train.failures import record_failure
+from equip.train import _distributed, _resume
+from equip.train._callbacks import EpochMetrics, MedianStopping
+from equip.train._failures import record_failure
 
 log = logging.getLogger(__name__)
 # Deliberate choices Lightning warns about: in-memory data needs no loader workers (measured: 2
@@ -63,7 +63,7 @@ def train(
     """
     if not isinstance(job, JobContext):
         job = JobContext(overrides=list(job or ()))
-    if not distributed.is_rank_zero():
+    if not _distributed.is_rank_zero():
         return _train_other_rank(cfg, job, callbacks)
     run_id: str | None = None
     checkpoint: ModelCheckpoint | None = None
@@ -96,7 +96,7 @@ def train(
                     "cv_folds": float(cv.folds),
                 }
             cv_tags[schema.FINAL_FIT] = "true"
-        resume_id = resume.find_run(cfg, exp_id, cfg_hash) if cfg.resume else None
+        resume_id = _resume.find_run(cfg, exp_id, cfg_hash) if cfg.resume else None
         if job.in_sweep and job.resume and resume_id is None:
             twin = finished_twin(exp_id, job.parent_run_id, cfg_hash)
             if twin is not None:  # a resumed sweep: this exact config already finished
@@ -110,7 +110,7 @@ def train(
                     "location": where,
                 }
             if cnn and d.cache_dir:  # cut off mid-training: continue from its last checkpoint
-                resume_id = resume.unfinished_twin(cfg, exp_id, job.parent_run_id, cfg_hash)
+                resume_id = _resume.unfinished_twin(cfg, exp_id, job.parent_run_id, cfg_hash)
         tags = {
             schema.VERSION: __version__,
             schema.DATA_FINGERPRINT: images.fingerprint,
@@ -138,7 +138,7 @@ def train(
         run_id = run.info.run_id
         log.info("MLflow run %s (%s)%s", name, run_id, " resumed" if resume_id else "")
         if d.cache_dir and cnn:  # kept until the run FINISHES: resume= continues from last.ckpt
-            ckpt_dir = resume.checkpoint_dir(cfg, run_id)
+            ckpt_dir = _resume.checkpoint_dir(cfg, run_id)
         else:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="equip-ckpt-"))
         checkpoint = _checkpoint(cfg, ckpt_dir)
@@ -163,7 +163,7 @@ def train(
                         run_id, exp_id, job.parent_run_id, cfg.trainer.monitor, job.median_stop
                     )
                 )
-            last = str(ckpt_dir / resume.LAST) if resume_id else None
+            last = str(ckpt_dir / _resume.LAST) if resume_id else None
             result = _fit_cnn(cfg, images, split, run_id, checkpoint, extra, last, epochs)
         if cv_metrics:
             tracking.log_metrics(run_id, cv_metrics, step=0)
@@ -178,7 +178,7 @@ def train(
     except BaseException as e:
         best = checkpoint.best_model_path if checkpoint is not None else None
         record_failure(e, cfg, job, run_id, best)
-        resumable = ckpt_dir is not None and d.cache_dir and (ckpt_dir / resume.LAST).exists()
+        resumable = ckpt_dir is not None and d.cache_dir and (ckpt_dir / _resume.LAST).exists()
         if ckpt_dir is not None and not resumable:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # nothing resume= could continue
         raise
@@ -209,8 +209,8 @@ def _train_other_rank(cfg: DictConfig, job: JobContext, callbacks: Sequence[pl.C
             MedianStopping(None, "", job.parent_run_id or "", cfg.trainer.monitor, job.median_stop)
         )
     module, trainer, dm, epochs = _trainer(cfg, images, split, None, checkpoint, extra)
-    trainer.fit(module, dm, ckpt_path=distributed.resume_checkpoint())
-    distributed.leave_group()
+    trainer.fit(module, dm, ckpt_path=_distributed.resume_checkpoint())
+    _distributed.leave_group()
     return {"run_id": None, "rank_zero": False, "metrics": {}}
 
 
@@ -284,7 +284,7 @@ def _trainer(
         callbacks.append(RichProgressBar())
     distributed_run = t.strategy != "auto"
     if distributed_run:
-        distributed.use_job_command()
+        _distributed.use_job_command()
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -319,7 +319,7 @@ def _fit_cnn(
     n_epochs: int | None = None,
 ) -> dict[str, Any]:
     final_fit = not (split == "val").any()
-    history = resume.logged_history(run_id) if resume_from else None
+    history = _resume.logged_history(run_id) if resume_from else None
     module, trainer, dm, epochs = _trainer(
         cfg, images, split, run_id, checkpoint, extra_callbacks, history, n_epochs
     )
@@ -336,10 +336,10 @@ def _fit_cnn(
     t = cfg.trainer
     mode = schema.monitor_mode(t.monitor)
     t0 = time.perf_counter()
-    with distributed.launcher_environment():
-        distributed.share_resume_checkpoint(resume_from)
+    with _distributed.launcher_environment():
+        _distributed.share_resume_checkpoint(resume_from)
         trainer.fit(module, dm, ckpt_path=resume_from)
-        distributed.leave_group()
+        _distributed.leave_group()
     train_time = time.perf_counter() - t0
 
     best = checkpoint.best_model_path

@@ -8,7 +8,7 @@ The sweep itself stays on this machine: Hydra's sweeper (grid or Optuna) picks t
 each point into a command job (`jobs`): the project folder as code, an environment
 generated from pyproject.toml, `data.root` as the data input, and the command
 `python train.py <the job's overrides>`. The job's environment carries the sweep's parent run id
-and swept keys (equip.sweep.job), which is all a plain run needs to be a child of the sweep.
+and swept keys (equip.sweep.context), which is all a plain run needs to be a child of the sweep.
 
 The launcher keeps up to `max_concurrent` jobs submitted, prints one line per state change with
 the Studio URL, and returns each job's `best_<trainer.monitor>` (negated when lower is better),
@@ -40,7 +40,7 @@ from equip.errors import EquipError
 from equip.launchers.azureml import jobs
 from equip.launchers.azureml.jobs import AzureJob, Settings
 from equip.launchers.azureml.service import TERMINAL, JobService, console
-from equip.sweep import job as sweep_job
+from equip.sweep import context
 from equip.track import record as tracking
 from equip.track import schema
 from equip.track.redaction import redact_overrides
@@ -88,8 +88,8 @@ class AzureMLLauncher(Launcher):
         source = inspect.getsourcefile(self.task_function) if self.task_function else None
         project = jobs.project_root_of(Path(source) if source else Path.cwd() / "train.py")
         environment = jobs.build_environment(project, s)
-        ctx = sweep_job.JobContext.from_environment(config, [])
-        parent = sweep_job.DRY_RUN_PARENT if s.dry_run else ctx.parent_run_id
+        ctx = context.JobContext.from_environment(config, [])
+        parent = context.DRY_RUN_PARENT if s.dry_run else ctx.parent_run_id
         if not parent:
             raise EquipError(
                 "hydra/launcher=azureml runs only in a sweep (python train.py -m ...)"
@@ -118,7 +118,7 @@ class AzureMLLauncher(Launcher):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx
         name = f"equip-{self._tag}-{idx:03d}"
-        display = tracking.run_name(cfg, sweep_job.swept_overrides(overrides, swept))
+        display = tracking.run_name(cfg, context.swept_overrides(overrides, swept))
         cwd = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None) or os.getcwd()
         data_path, local = jobs.data_input(cfg, Path(str(cwd)))
         key = jobs.launch_key(overrides, local or data_path)
@@ -140,8 +140,8 @@ class AzureMLLauncher(Launcher):
             s=self.settings,
             data_path=data_path,
             env={
-                sweep_job.PARENT_ENV: parent,
-                sweep_job.SWEPT_ENV: ",".join(swept),
+                context.PARENT_ENV: parent,
+                context.SWEPT_ENV: ",".join(swept),
                 # Tags of the child run the job creates: how this launcher finds it again.
                 "MLFLOW_RUN_CONTEXT": json.dumps({jobs.JOB_TAG: name, jobs.KEY_TAG: key}),
             },
@@ -230,7 +230,7 @@ class AzureMLLauncher(Launcher):
         )
         if j.cfg.multirun.continue_on_failure:
             console.print(f"[bold red]job failed[/] (the sweep goes on): {escape(why)}  {j.url}")
-            return job_return(j, sweep_job.FAILED_JOB_SCORE, JobStatus.COMPLETED, sweep_dir)
+            return job_return(j, context.FAILED_JOB_SCORE, JobStatus.COMPLETED, sweep_dir)
         return job_return(j, RuntimeError(f"{why}: {j.url}"), JobStatus.FAILED, sweep_dir)
 
 

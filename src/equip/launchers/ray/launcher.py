@@ -57,7 +57,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from equip.errors import EquipError
-from equip.sweep.job import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV
+from equip.sweep.context import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV
 from equip.track import schema, store
 
 log = logging.getLogger(__name__)

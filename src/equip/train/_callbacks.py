@@ -7,7 +7,7 @@ import time
 
 import pytorch_lightning as pl
 
-from equip.sweep.job import MedianStop
+from equip.sweep.context import MedianStop
 from equip.track import record as tracking
 from equip.track import schema
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from equip.sweep.job import JobContext, config_hash
+from equip.sweep.context import JobContext, config_hash
 from equip.track import record as tracking
 from equip.track import schema, store
 from equip.track.redaction import strip_secrets
