@@ -99,8 +99,8 @@ class ImageDataModule(pl.LightningDataModule):
                 **kw,
             )
         # Several processes: each reads its shard. Training pads to equal shards (every rank
-        # must take the same number of steps); val/test do not, so their metrics, synced over
-        # ranks, count each image exactly once.
+        # must take the same number of steps); val does not, so its metrics, synced over ranks,
+        # count each image exactly once.
         world, rank = trainer.world_size, trainer.global_rank
         if shuffle:
             sampler: Sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
@@ -115,6 +115,3 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

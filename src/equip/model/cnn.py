@@ -24,14 +24,6 @@ POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 assert set(ACTIVATIONS) == set(checks.ACTIVATIONS) and set(POOLS) == set(checks.POOLS)
 assert set(OPTIMIZERS) == set(checks.OPTIMIZERS)
-# Keys added after the first release: checkpoints saved before them load with these values.
-RECIPE_DEFAULTS = {
-    "convs_per_block": 1,
-    "residual": False,
-    "label_smoothing": 0.0,
-    "ema_decay": None,
-    "tta": "none",
-}
 
 
 def _convs(c_in: int, c_out: int, k: int, n: int, batch_norm: bool, act, last_act: bool):
@@ -61,7 +53,6 @@ class ResidualBlock(nn.Module):
 
 
 def build_net(m: Mapping, num_classes: int, image_size: int) -> nn.Sequential:
-    m = {**RECIPE_DEFAULTS, **m}
     checks.check_model(m, image_size)
     act = ACTIVATIONS[m["activation"]]
     pool = POOLS[m["pool"]]
@@ -71,7 +62,7 @@ def build_net(m: Mapping, num_classes: int, image_size: int) -> nn.Sequential:
     for c_out, k in zip(m["filters"], kernel_sizes(m), strict=True):
         if m["residual"]:
             layers.append(ResidualBlock(c_in, c_out, k, n, bn, act))
-        else:  # flat, as before: older checkpoints keep their layer names
+        else:  # flat: the convs sit directly in the Sequential
             layers += _convs(c_in, c_out, k, n, bn, act, last_act=True)
         if pool is not None:
             layers.append(pool(2))
@@ -125,9 +116,9 @@ class Classifier(pl.LightningModule):
         num_classes = len(classes)
         self.classes, self.image_size = list(classes), image_size
         self.net = build_net(model, num_classes, image_size).to(memory_format=torch.channels_last)
-        self.opt = {**RECIPE_DEFAULTS, **model}
-        self.tta = self.opt["tta"]
-        self.loss = nn.CrossEntropyLoss(label_smoothing=self.opt["label_smoothing"])
+        self.opt = model
+        self.tta = model["tta"]
+        self.loss = nn.CrossEntropyLoss(label_smoothing=model["label_smoothing"])
         metrics = torchmetrics.MetricCollection(
             {
                 "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro"),
@@ -136,7 +127,6 @@ class Classifier(pl.LightningModule):
         )
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
-        self.test_metrics = metrics.clone(prefix="test_")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or self.tta == "none":
@@ -164,9 +154,6 @@ class Classifier(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val", self.val_metrics)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_metrics)
 
     def configure_optimizers(self):
         o = self.opt
