@@ -1,0 +1,235 @@
+"""A class-per-folder tree of photos as an ImageSet: scanning the tree, decoding each file once.
+
+Each decoded photo is cached on disk keyed by its content and the preprocessing settings, so a
+second run decodes nothing; with a cache, the whole decoded set also becomes one `.npy`
+(equip.data._imagestore), read into RAM or streamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from equip.config.checks import check_decoded_size
+from equip.data import _imagestore
+from equip.data._imageset import ImageSet, in_ram_or_streamed
+from equip.data._imagestore import DiskImages
+from equip.data._preprocess import PREPROCESS_VERSION, preprocess
+from equip.errors import EquipError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+# ---------------------------------------------------------------- scanning
+def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class-per-folder tree -> (class names, [(file, class index)]). Raises on every bad layout."""
+    if not root.is_dir():
+        raise EquipError(
+            f"data.root={root} does not exist or is not a folder. "
+            "Point data.root at a folder with one sub-folder of images per class."
+        )
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise EquipError(
+            f"data.root={root} has no class folders. Put each class's images in its own "
+            "sub-folder, e.g. data.root/helmets/*.jpg, data.root/rope/*.jpg."
+        )
+    files: list[tuple[Path, int]] = []
+    empty = []
+    for idx, d in enumerate(class_dirs):
+        # A broken or looping symlink is kept: reading it fails, so it is counted as skipped.
+        found = sorted(
+            p
+            for p in d.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            empty.append(d.name)
+        files += [(p, idx) for p in found]
+    if empty:
+        raise EquipError(
+            f"class folder(s) with no images under data.root={root}: {', '.join(empty)}. "
+            f"Add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder."
+        )
+    if len(class_dirs) < 2:
+        raise EquipError(
+            f"data.root={root} has only 1 class folder ({class_dirs[0].name}); a classifier "
+            "needs at least 2. Add another class folder."
+        )
+    return [d.name for d in class_dirs], files
+
+
+# ---------------------------------------------------------------- one file
+class _Unreadable(Exception):
+    """A file that is skipped; the message says why."""
+
+
+def _cache_file(cache_dir: Path, sha: str, size: int) -> Path:
+    return cache_dir / f"v{PREPROCESS_VERSION}-{size}px" / sha[:2] / f"{sha}.npy"
+
+
+def _read_cached(cached: Path, size: int) -> np.ndarray | None:
+    if not cached.exists():
+        return None
+    try:
+        arr = np.load(cached)
+    except (OSError, ValueError):  # torn write by a killed process: decode again
+        return None
+    if arr.shape != (3, size, size) or arr.dtype != np.uint8:
+        return None  # a foreign or damaged entry: decode again and overwrite it
+    return arr
+
+
+def _write_cached(cached: Path, arr: np.ndarray) -> None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, cached)  # atomic: parallel jobs never read half a file
+
+
+def _decode(raw: bytes, size: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            return preprocess(img, size)
+    except UnidentifiedImageError:
+        raise _Unreadable("not a readable image (unknown or corrupt format)") from None
+    except Exception as e:  # PIL raises many types for truncated/damaged files
+        raise _Unreadable(f"{type(e).__name__}: {e}") from None
+
+
+def _read_image(path: Path, size: int, cache_dir: Path | None) -> tuple[np.ndarray, str, bool]:
+    """(preprocessed image, sha256 of the file, whether it was decoded rather than read from
+    the cache). Raises _Unreadable."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise _Unreadable(f"unreadable: {e.strerror or e}") from None
+    sha = hashlib.sha256(raw).hexdigest()
+    cached = _cache_file(cache_dir, sha, size) if cache_dir else None
+    arr = _read_cached(cached, size) if cached else None
+    if arr is not None:
+        return arr, sha, False
+    arr = _decode(raw, size)
+    if cached is not None:
+        _write_cached(cached, arr)
+    return arr, sha, True
+
+
+# ---------------------------------------------------------------- the whole tree
+@dataclass
+class _Loaded:
+    """What the readable files gave, in file order (their images went to a sink)."""
+
+    labels: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    shas: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    decoded: int = 0
+
+    def fingerprint(self, classes: list[str], size: int) -> str:
+        fp = hashlib.sha256(f"folder v{PREPROCESS_VERSION} {size}px\n".encode())
+        for sha, label in sorted(zip(self.shas, self.labels, strict=True)):
+            fp.update(f"{classes[label]}/{sha}\n".encode())
+        return fp.hexdigest()[:16]
+
+
+def _load_files(
+    root: Path,
+    files: list[tuple[Path, int]],
+    size: int,
+    cache_dir: Path | None,
+    sink: Callable[[np.ndarray], object],
+) -> _Loaded:
+    """Read every file, passing each image to `sink`; unreadable files are logged and skipped,
+    and none readable at all is an error."""
+    got = _Loaded()
+    for path, label in files:
+        try:
+            arr, sha, decoded = _read_image(path, size, cache_dir)
+        except _Unreadable as why:
+            got.skipped.append((str(path), str(why)))
+            continue
+        sink(arr)
+        got.labels.append(label)
+        got.paths.append(str(path))
+        got.shas.append(sha)
+        got.decoded += decoded
+    if got.skipped:
+        log.warning(
+            "skipped %d unreadable image(s): %s",
+            len(got.skipped),
+            "; ".join(f"{p} ({why})" for p, why in got.skipped),
+        )
+    if not got.labels:
+        raise EquipError(
+            f"no readable image under data.root={root}; every file failed to decode:\n"
+            + "\n".join(f"  {p}: {why}" for p, why in got.skipped)
+        )
+    return got
+
+
+def load_folder(
+    root: Path, image_size: int, cache_dir: Path | None, ram_budget_mb: float = float("inf")
+) -> ImageSet:
+    """Decode (or read from the per-file cache) every photo. With a cache, the decoded set also
+    becomes one .npy, written while decoding: up to `ram_budget_mb` it is read into RAM, larger
+    sets are streamed from it; without a cache the photos are stacked in RAM."""
+    classes, files = scan_folder(root)
+    check_decoded_size(len(files), image_size, str(cache_dir) if cache_dir else None, "data.root")
+    images: torch.Tensor | DiskImages
+    if cache_dir is None:
+        arrays: list[np.ndarray] = []
+        got = _load_files(root, files, image_size, None, arrays.append)
+        fingerprint = got.fingerprint(classes, image_size)
+        images = torch.from_numpy(np.stack(arrays))
+    else:  # decoded rows go to disk as they come, not into a list
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir, prefix=".folder-rows.") as rows:
+            got = _load_files(root, files, image_size, cache_dir, lambda a: rows.write(a.tobytes()))
+            fingerprint = got.fingerprint(classes, image_size)
+            path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{image_size}px-{fingerprint}.npy"
+            store = _rows_to_store(rows, path, len(got.labels), image_size)
+        images = in_ram_or_streamed(store, ram_budget_mb)
+    return ImageSet(
+        images=images,
+        labels=torch.tensor(got.labels, dtype=torch.int64),
+        classes=classes,
+        paths=got.paths,
+        sha256=got.shas,
+        fingerprint=fingerprint,
+        skipped=got.skipped,
+        source="decoded" if got.decoded else "disk-cache",
+        decoded=got.decoded,
+    )
+
+
+def _rows_to_store(rows: IO[bytes], path: Path, n: int, size: int) -> DiskImages:
+    """The decoded rows (a temp file) as this data set's cached .npy at `path`, unless an
+    identical set is already cached there."""
+    if _imagestore.open_cached(path) is None:
+        row = 3 * size * size
+
+        def read_back():
+            rows.seek(0)
+            for _ in range(n):
+                yield np.frombuffer(rows.read(row), dtype=np.uint8)
+
+        _imagestore.write(path, (n, 3, size, size), read_back(), dict)
+    cached = _imagestore.open_cached(path)
+    assert cached is not None
+    return cached[0]

@@ -1,0 +1,27 @@
+"""What loading a data set returns (`ImageSet`), whichever source it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from equip.data._imagestore import DiskImages
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor | DiskImages  # uint8, (N, 3, S, S): in RAM, or streamed from the cache
+    labels: torch.Tensor  # int64, (N,)
+    classes: list[str]
+    paths: list[str]
+    sha256: list[str]
+    fingerprint: str  # changes with any file's content, its class, or the preprocessing
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of unreadable files
+    source: str = "decoded"  # decoded | disk-cache | memory
+    decoded: int = 0  # files decoded by this load (0 when everything came from a cache)
+
+
+def in_ram_or_streamed(store: DiskImages, ram_budget_mb: float) -> torch.Tensor | DiskImages:
+    """A cached set read into RAM when it fits the budget (fastest to train on), else streamed."""
+    return store.load() if store.nbytes <= ram_budget_mb * 2**20 else store

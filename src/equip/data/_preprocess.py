@@ -1,0 +1,36 @@
+"""One image as the networks see it, following the course: composite transparency onto white,
+pad to a white square keeping the aspect ratio, resize, stretch each channel's contrast."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PREPROCESS_VERSION = 1  # bump when preprocess() changes: invalidates every disk cache entry
+
+
+def _to_rgb_on_white(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float greyscale: scale to 8 bit
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        # Gear PNGs hide near-black pixels under the alpha: convert("RGB") would show them.
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, RGB, 16-bit RGB
+
+
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """PIL image -> uint8 array (3, size, size)."""
+    img = ImageOps.exif_transpose(img)
+    img = _to_rgb_on_white(img)
+    img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color="white")
+    a = np.asarray(img, dtype=np.float32)
+    lo = a.min(axis=(0, 1), keepdims=True)
+    hi = a.max(axis=(0, 1), keepdims=True)
+    a = np.where(hi > lo, (a - lo) * 255.0 / np.maximum(hi - lo, 1e-6), a)
+    return np.ascontiguousarray(a.round().astype(np.uint8).transpose(2, 0, 1))
