@@ -13,10 +13,11 @@ from PIL import Image
 
 from equip.config.checks import check_decoded_size
 from equip.data import _imagestore
-from equip.data._imageset import ImageSet, in_ram_or_streamed
+from equip.data._imageset import ImageSet
 from equip.data._imagestore import DiskImages
 from equip.data._preprocess import PREPROCESS_VERSION, preprocess
 from equip.data.synthetic import CLASSES, iter_synthetic, synthetic_labels
+from equip.errors import EquipError
 
 
 def synthetic_cache_file(cache_dir: Path, per_class: int, image_size: int, seed: int) -> Path:
@@ -41,8 +42,9 @@ def load_synthetic(
         images, shas = _draw_in_ram(per_class, image_size, seed)
         decoded = len(labels)
     else:
-        store, shas, decoded = _draw_once_to_disk(cache_dir, per_class, image_size, seed)
-        images = in_ram_or_streamed(store, ram_budget_mb)
+        images, shas, decoded = _draw_once_to_disk(
+            cache_dir, per_class, image_size, seed, ram_budget_mb
+        )
     fp = hashlib.sha256(f"synthetic {image_size}px\n".encode())
     for sha, label in zip(shas, labels, strict=True):
         fp.update(f"{CLASSES[label]}/{sha}\n".encode())
@@ -76,23 +78,25 @@ def _draw_in_ram(per_class: int, size: int, seed: int) -> tuple[torch.Tensor, li
 
 
 def _draw_once_to_disk(
-    cache_dir: Path, per_class: int, size: int, seed: int
-) -> tuple[DiskImages, list[str], int]:
-    """(the cached set, its sha256s, how many images were drawn now: 0 if it was cached)."""
+    cache_dir: Path, per_class: int, size: int, seed: int, ram_budget_mb: float
+) -> tuple[torch.Tensor | DiskImages, list[str], int]:
+    """(the cached set, in RAM or streamed, its sha256s, how many images were drawn now: 0 if
+    it was cached). A cached set whose pixels fail their checksum is drawn again."""
     path = synthetic_cache_file(cache_dir, per_class, size, seed)
-    cached = _imagestore.open_cached(path)
+    cached = _imagestore.open_cached(path, ram_budget_mb)
     drawn = 0
     if cached is None:
         n = per_class * len(CLASSES)
         check_decoded_size(n, size, str(cache_dir), f"data.per_class={per_class}")
         shas: list[str] = []
-        images = _preprocessed(per_class, size, seed, shas)
-        _imagestore.write(path, (n, 3, size, size), images, lambda: {"sha256": shas})
-        cached = _imagestore.open_cached(path)
+        rows = _preprocessed(per_class, size, seed, shas)
+        _imagestore.write(path, (n, 3, size, size), rows, lambda: {"sha256": shas})
+        cached = _imagestore.open_cached(path, ram_budget_mb)
         drawn = n
-    assert cached is not None
-    store, meta = cached
-    return store, meta["sha256"], drawn
+    if cached is None:
+        raise EquipError(f"{path} does not read back as written; check the disk under {cache_dir}")
+    images, meta = cached
+    return images, meta["sha256"], drawn
 
 
 def _paths(labels: np.ndarray) -> list[str]:

@@ -2,7 +2,9 @@
 
 Each decoded photo is cached on disk keyed by its content and the preprocessing settings, so a
 second run decodes nothing; with a cache, the whole decoded set also becomes one `.npy`
-(equip.data._imagestore), read into RAM or streamed.
+(equip.data._imagestore), read into RAM or streamed. Both carry a checksum of their pixels: an
+entry that fails it is named in a warning and built again (the photo decoded, the set rewritten
+from the photos' rows).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from equip.config.checks import check_decoded_size
 from equip.data import _imagestore
-from equip.data._imageset import ImageSet, in_ram_or_streamed
+from equip.data._imageset import ImageSet
 from equip.data._imagestore import DiskImages
 from equip.data._preprocess import PREPROCESS_VERSION, preprocess
 from equip.errors import EquipError
@@ -81,26 +82,6 @@ def _cache_file(cache_dir: Path, sha: str, size: int) -> Path:
     return cache_dir / f"v{PREPROCESS_VERSION}-{size}px" / sha[:2] / f"{sha}.npy"
 
 
-def _read_cached(cached: Path, size: int) -> np.ndarray | None:
-    if not cached.exists():
-        return None
-    try:
-        arr = np.load(cached)
-    except (OSError, ValueError):  # torn write by a killed process: decode again
-        return None
-    if arr.shape != (3, size, size) or arr.dtype != np.uint8:
-        return None  # a foreign or damaged entry: decode again and overwrite it
-    return arr
-
-
-def _write_cached(cached: Path, arr: np.ndarray) -> None:
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, cached)  # atomic: parallel jobs never read half a file
-
-
 def _decode(raw: bytes, size: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(raw)) as img:
@@ -121,12 +102,13 @@ def _read_image(path: Path, size: int, cache_dir: Path | None) -> tuple[np.ndarr
         raise _Unreadable(f"unreadable: {e.strerror or e}") from None
     sha = hashlib.sha256(raw).hexdigest()
     cached = _cache_file(cache_dir, sha, size) if cache_dir else None
-    arr = _read_cached(cached, size) if cached else None
+    # An entry that is absent, of another size or damaged (its checksum fails) is decoded again.
+    arr = _imagestore.read_image(cached, (3, size, size)) if cached else None
     if arr is not None:
         return arr, sha, False
     arr = _decode(raw, size)
     if cached is not None:
-        _write_cached(cached, arr)
+        _imagestore.write_image(cached, arr)
     return arr, sha, True
 
 
@@ -203,8 +185,7 @@ def load_folder(
             got = _load_files(root, files, image_size, cache_dir, lambda a: rows.write(a.tobytes()))
             fingerprint = got.fingerprint(classes, image_size)
             path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{image_size}px-{fingerprint}.npy"
-            store = _rows_to_store(rows, path, len(got.labels), image_size)
-        images = in_ram_or_streamed(store, ram_budget_mb)
+            images = _rows_to_store(rows, path, len(got.labels), image_size, ram_budget_mb)
     return ImageSet(
         images=images,
         labels=torch.tensor(got.labels, dtype=torch.int64),
@@ -218,10 +199,13 @@ def load_folder(
     )
 
 
-def _rows_to_store(rows: IO[bytes], path: Path, n: int, size: int) -> DiskImages:
-    """The decoded rows (a temp file) as this data set's cached .npy at `path`, unless an
-    identical set is already cached there."""
-    if _imagestore.open_cached(path) is None:
+def _rows_to_store(
+    rows: IO[bytes], path: Path, n: int, size: int, ram_budget_mb: float
+) -> torch.Tensor | DiskImages:
+    """This data set's cached .npy at `path`, in RAM when it fits `ram_budget_mb`, else
+    streamed; written from the decoded rows (a temp file) unless an intact one is there."""
+    cached = _imagestore.open_cached(path, ram_budget_mb)
+    if cached is None:
         row = 3 * size * size
 
         def read_back():
@@ -230,6 +214,7 @@ def _rows_to_store(rows: IO[bytes], path: Path, n: int, size: int) -> DiskImages
                 yield np.frombuffer(rows.read(row), dtype=np.uint8)
 
         _imagestore.write(path, (n, 3, size, size), read_back(), dict)
-    cached = _imagestore.open_cached(path)
-    assert cached is not None
+        cached = _imagestore.open_cached(path, ram_budget_mb)
+    if cached is None:
+        raise EquipError(f"{path} does not read back as written; check the disk it is on")
     return cached[0]

@@ -20,8 +20,3 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of unreadable files
     source: str = "decoded"  # decoded | disk-cache | memory
     decoded: int = 0  # files decoded by this load (0 when everything came from a cache)
-
-
-def in_ram_or_streamed(store: DiskImages, ram_budget_mb: float) -> torch.Tensor | DiskImages:
-    """A cached set read into RAM when it fits the budget (fastest to train on), else streamed."""
-    return store.load() if store.nbytes <= ram_budget_mb * 2**20 else store
