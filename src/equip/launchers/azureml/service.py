@@ -74,7 +74,7 @@ class JobService:
             from azure.ai.ml import MLClient
             from azure.identity import DefaultAzureCredential
 
-            sub, group, ws = store._workspace(self.tracking)
+            sub, group, ws = store.workspace_of(self.tracking)
             credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
             client = MLClient(credential, sub, group, ws)
             with azure_errors(f"workspace {ws}"):
