@@ -37,8 +37,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from equip.errors import EquipError
 from equip.launchers.azureml import jobs
-from equip.launchers.azureml.jobs import AzureJob, Settings
+from equip.launchers.azureml.jobs import AzureJob
 from equip.launchers.azureml.service import TERMINAL, JobService
+from equip.launchers.azureml.settings import LauncherSettings, check_settings, require_sdk
 from equip.sweep import context
 from equip.terminal import fail, say
 from equip.track import record as tracking
@@ -53,7 +54,7 @@ class AzureMLLauncher(Launcher):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__()
-        self.settings = Settings.of(settings)
+        self.settings = LauncherSettings.of(settings)
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
         self.task_function: Any = None
@@ -80,8 +81,8 @@ class AzureMLLauncher(Launcher):
     ) -> Sequence[JobReturn]:
         assert self.config is not None
         config, s = self.config, self.settings
-        jobs.check_settings(config, s.compute, "hydra.launcher")
-        jobs.require_sdk("hydra/launcher=azureml")
+        check_settings(config, s.compute, "hydra.launcher")
+        require_sdk("hydra/launcher=azureml")
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         source = inspect.getsourcefile(self.task_function) if self.task_function else None

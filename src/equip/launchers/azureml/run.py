@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from equip.errors import EquipError
 from equip.launchers.azureml import jobs
-from equip.launchers.azureml.jobs import AzureJob, Settings
+from equip.launchers.azureml.jobs import AzureJob
 from equip.launchers.azureml.service import TERMINAL, JobService
+from equip.launchers.azureml.settings import RunSettings, check_settings, require_sdk
 from equip.terminal import fail, say
 from equip.track import record as tracking
 from equip.track import store
@@ -46,16 +47,16 @@ class SubmitRun(Callback):
             fail(str(e), 2)
         raise SystemExit(code)
 
-    def service(self, config: DictConfig, s: Settings) -> JobService:
+    def service(self, config: DictConfig, s: RunSettings) -> JobService:
         return JobService(config.tracking, str(s.compute), "launch")
 
     def _submit(self, config: DictConfig) -> int:
         from equip.config.checks import check_config
 
-        s = Settings.of(config.launch)
-        jobs.check_settings(config, s.compute, "launch")
+        s = RunSettings.of(config.launch)
+        check_settings(config, s.compute, "launch")
         check_config(config)  # a bad config fails here, not after the cluster has started
-        jobs.require_sdk("+launch=azureml")
+        require_sdk("+launch=azureml")
         project = jobs.project_root_of(Path(sys.argv[0]))
         overrides = [
             o for o in config.hydra.overrides.task if jobs.key_of(o).split(".")[0] != "launch"
