@@ -5,12 +5,10 @@ python train.py model.filters=[32,64],[32,64,128] -m # one parent run, one child
 python train.py -m sweep=smoke                       # a named sweep from sweeps/
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from equip.train.cli import one_line_errors, upgrade_argv
+from equip.train.cli import one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,6 +19,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = upgrade_argv(sys.argv[1:])
     with one_line_errors():
         main()

@@ -86,6 +86,25 @@ def run_train(args: list[str], cwd: Path, env: dict | None = None):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "shown", "secret"),
+    [
+        (["data=folder", "data.root='photos[/y] AccountKey=abc'"], "AccountKey=***", "abc"),
+        (["trainer.monitor='http://user:pass@host/[/x]'"], "http://***@host/[/x]", "pass"),
+    ],
+)
+def test_an_error_is_one_plain_line_with_its_secrets_cut_out(
+    tmp_path: Path, args: list[str], shown: str, secret: str
+):
+    """`[/y]` in a value is text, not Rich markup (it was a 44-line MarkupError)."""
+    proc = run_train(args, tmp_path)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2, lines
+    [line] = lines
+    assert line.startswith("equip: error: ") and shown in line, line
+    assert secret not in line.replace("equip: error: ", ""), line
+
+
 def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
     def case(i: int) -> tuple[list[str], str, subprocess.CompletedProcess, Path]:
         args, key = BAD_INPUTS[i]

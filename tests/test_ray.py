@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from mlflow import MlflowClient  # noqa: E402
 
-from equip.launchers.ray import launcher as ray_launch  # noqa: E402
+from equip.launchers.ray import _cluster as ray_cluster  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ROOT,
     TINY,
@@ -216,14 +216,14 @@ def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path
 
 
 def test_which_stores_and_addresses_are_local():
-    assert ray_launch.is_local_store("sqlite:////tmp/mlflow.db")
-    assert ray_launch.is_local_store("file:///tmp/mlruns") and ray_launch.is_local_store("mlruns")
-    assert not ray_launch.is_local_store("http://10.0.0.5:5000")
-    assert ray_launch.address_host(None) is None and ray_launch.address_host("auto") is None
-    assert ray_launch.address_host("ray://10.0.0.7:10001") == "10.0.0.7"
-    assert ray_launch.address_host("10.0.0.7:6379") == "10.0.0.7"
-    assert ray_launch.is_local_host("127.0.0.1") and ray_launch.is_local_host("localhost")
-    assert not ray_launch.is_local_host("203.0.113.7")
-    assert ray_launch.store_refusal("sqlite:////tmp/x.db", ["127.0.0.1"]) is None
-    assert ray_launch.store_refusal("http://10.0.0.5:5000", ["203.0.113.7"]) is None
-    assert "mlflow server" in ray_launch.store_refusal("sqlite:////tmp/x.db", ["203.0.113.7"])
+    assert ray_cluster.is_local_store("sqlite:////tmp/mlflow.db")
+    assert ray_cluster.is_local_store("file:///tmp/mlruns") and ray_cluster.is_local_store("mlruns")
+    assert not ray_cluster.is_local_store("http://10.0.0.5:5000")
+    assert ray_cluster.address_host(None) is None and ray_cluster.address_host("auto") is None
+    assert ray_cluster.address_host("ray://10.0.0.7:10001") == "10.0.0.7"
+    assert ray_cluster.address_host("10.0.0.7:6379") == "10.0.0.7"
+    assert ray_cluster.is_local_host("127.0.0.1") and ray_cluster.is_local_host("localhost")
+    assert not ray_cluster.is_local_host("203.0.113.7")
+    assert ray_cluster.store_refusal("sqlite:////tmp/x.db", ["127.0.0.1"]) is None
+    assert ray_cluster.store_refusal("http://10.0.0.5:5000", ["203.0.113.7"]) is None
+    assert "mlflow server" in ray_cluster.store_refusal("sqlite:////tmp/x.db", ["203.0.113.7"])

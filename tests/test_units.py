@@ -1,5 +1,5 @@
 """Fast tests of the pure helpers: run names, redaction, swept keys, sweep points, ranking,
-job context, deprecated spellings. No training, no store."""
+job context. No training, no store."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 from equip.sweep.callback import sweep_key, sweep_name, sweep_points, swept_keys
 from equip.sweep.context import JobContext, config_hash, swept_overrides
 from equip.sweep.leaderboard import rank
+from equip.terminal import fail
 from equip.track import schema
 from equip.track.record import config_params, run_name
 from equip.track.redaction import redact_overrides, redact_tree, strip_secrets
-from equip.train.cli import upgrade_argv
 from tests.conftest import make_cfg
 
 
@@ -174,20 +174,11 @@ def test_leaderboard_ranks_finished_best_first_and_keeps_one_attempt_per_config(
     assert [r["run_name"] for r in by_loss] == ["a", "c"]  # lower loss is better
 
 
-def test_old_spellings_still_work_with_a_note(capsys):
-    argv = [
-        "register=true",
-        "sweep.resume=false",
-        "+sweep.median_stop.enabled=true",
-        "trainer.monitor_mode=min",
-        "sweep=smoke",
-        "model.lr=0.1",
+def test_fail_prints_plain_lines_without_secrets_and_exits(capsys):
+    with pytest.raises(SystemExit) as stop:
+        fail("bad [/y] AccountKey=abc", 2, details=["  model.filters=[/x] http://u:pw@h"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "equip: error: bad [/y] AccountKey=***",
+        "  model.filters=[/x] http://***@h",
     ]
-    assert upgrade_argv(argv) == [
-        "registry.enabled=true",
-        "multirun.resume=false",
-        "multirun.median_stop.enabled=true",
-        "sweep=smoke",
-        "model.lr=0.1",
-    ]
-    assert capsys.readouterr().err.count("equip: note:") == 4

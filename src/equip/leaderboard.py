@@ -1,7 +1,85 @@
-"""`python -m equip.leaderboard [latest|SWEEP_DIR|PARENT_RUN_ID]`: the command; the work is in
-equip.sweep.leaderboard."""
+"""`python -m equip.leaderboard [PARENT_RUN_ID|latest]`: a sweep's leaderboard, read from the
+store; the board itself is equip.sweep.leaderboard."""
 
-from equip.sweep.leaderboard import main
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from equip.errors import EquipError
+from equip.sweep.leaderboard import leaderboard, print_board
+from equip.terminal import fail
+from equip.track import schema, store
+from equip.track.redaction import strip_secrets
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m equip.leaderboard: 0 when the board is shown, 2 with one line otherwise."""
+    ap = argparse.ArgumentParser(
+        prog="python -m equip.leaderboard", description="Print a sweep's leaderboard."
+    )
+    ap.add_argument("parent", nargs="?", default="latest", help="parent run id, or 'latest'")
+    ap.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder",
+    )
+    ap.add_argument("--experiment", default="equip")
+    args = ap.parse_args(argv)
+    try:
+        print_board(dict(zip(("parent", "rows", "keys"), _load(args), strict=True)))
+    except EquipError as e:
+        fail(str(e), 2)
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str]]:
+    uri = args.tracking_uri or store.default_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise EquipError(f"no MLflow store at {uri}; run a sweep first or pass --tracking-uri.")
+    if uri.startswith(("http://", "https://")) and not store.reachable(uri):
+        raise EquipError(
+            f"the MLflow server {strip_secrets(uri)} is unreachable; start it or "
+            "pass another --tracking-uri."
+        )
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    parent = args.parent
+    if parent == "latest":
+        exp = client.get_experiment_by_name(args.experiment)
+        runs = (
+            client.search_runs(
+                [exp.experiment_id],
+                schema.sweep_parents(),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if exp
+            else []
+        )
+        if not runs:
+            raise EquipError(f"no sweep in experiment {args.experiment!r} at {uri}.")
+        parent = runs[0].info.run_id
+    try:
+        run = client.get_run(parent)
+    except MlflowException:
+        raise EquipError(
+            f"no run {parent!r} at {strip_secrets(uri)}; give a sweep's parent run id or 'latest'."
+        ) from None
+    if schema.SWEEP_KEY not in run.data.tags:
+        raise EquipError(
+            f"run {parent} ({run.info.run_name}) is a single run, not a sweep's "
+            "parent; give a parent run id (the MLflow UI nests its jobs under it) "
+            "or 'latest'."
+        )
+    store.reap_stale_runs(run.info.experiment_id)  # a crashed job shows as KILLED, not RUNNING
+    return leaderboard(parent)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

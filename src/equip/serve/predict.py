@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from rich.console import Console
 from rich.table import Table
 
 from equip.errors import EquipError
+from equip.terminal import fail, report
 
 DEFAULTS = {
     "model": "???",
@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    console = Console(stderr=True, soft_wrap=True)
     try:
         cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(args))
         missing = [k for k in ("model", "images") if OmegaConf.is_missing(cfg, k)]
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         predict = load_predictor(str(cfg.model))
         out = predict_files(predict, files)
     except EquipError as e:
-        console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
-        return 2
+        fail(str(e), 2)
     out.insert(0, "file", [str(f) for f in files])
     classes = [c.removeprefix("p_") for c in out.columns if c.startswith("p_")]
     if root.is_dir() and all(f.parent.name in classes for f in files):
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(c, justify="right" if c == "probability" else "left")
     for _, row in out.head(cfg.show).iterrows():
         table.add_row(*[f"{row[c]:.3f}" if c == "probability" else str(row[c]) for c in cols])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    report.print(table)
     if len(out) > cfg.show:
         print(f"... {len(out) - cfg.show} more in {cfg.output}")
     if "true_class" in out:

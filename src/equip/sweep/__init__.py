@@ -1,3 +1,3 @@
 """Multiruns: the Hydra callback that validates a sweep and owns its MLflow parent run
-(`callback`), a job's sweep context (`job`), the leaderboard (`leaderboard`) and CV sweeps
+(`callback`), a job's sweep context (`context`), the leaderboard (`leaderboard`) and CV sweeps
 read back (`crossval`)."""

@@ -5,7 +5,7 @@ Hydra runs the sweep (basic or Optuna sweeper; in-process, joblib, Ray or Azure 
 validated before the first job, a parent run created (or reused on resume) and exported to the
 jobs (equip.sweep.context), and the leaderboard at the end (equip.sweep.leaderboard).
 
-    python -m equip.sweep.callback report [PARENT_RUN_ID|latest]   # = python -m equip.leaderboard
+    python -m equip.leaderboard [PARENT_RUN_ID|latest]   # a sweep's leaderboard, again
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from rich.console import Console
 
 from equip.errors import EquipError
 from equip.sweep import context
+from equip.terminal import fail, say
 from equip.track import record as tracking
 from equip.track import schema, store
 from equip.track.redaction import redact_overrides, strip_secrets
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
 SWEEP_FN = re.compile(r"^\s*(choice|range|interval|glob|tag)\(")  # Hydra's sweep functions
 
 
@@ -95,6 +94,59 @@ def invalid_points(config: DictConfig) -> list[tuple[list[str], str]]:
     return bad
 
 
+def refuse_invalid_points(config: DictConfig) -> None:
+    """Exit 2 before any job when a grid point would fail its checks, listing every one."""
+    bad = invalid_points(config)
+    if bad:
+        fail(
+            f"{len(bad)} sweep point(s) are invalid; nothing was trained. Fix or remove them:",
+            2,
+            details=[f"  {' '.join(point)}\n    -> {why}" for point, why in bad],
+        )
+
+
+def resume_parent(client: Any, exp_id: str, parent: Any) -> str:
+    """Take over the parent run of the same sweep run before; its cut-off jobs end KILLED."""
+    parent_id = parent.info.run_id
+    client.update_run(parent_id, status="RUNNING")
+    for k, v in store.process_tags().items():  # this process runs it now
+        client.set_tag(parent_id, k, v)
+    # Jobs still RUNNING were cut off with the sweep (a killed process cannot say so).
+    for run in client.search_runs([exp_id], schema.children_of(parent_id, "RUNNING")):
+        client.set_tag(run.info.run_id, schema.ERROR, "interrupted; rerun on resume")
+        client.set_terminated(run.info.run_id, "KILLED")
+    say(
+        f"resuming sweep {parent.info.run_name!r} ({parent_id}): "
+        "jobs that already finished are skipped"
+    )
+    return parent_id
+
+
+def new_parent(client: Any, exp_id: str, config: DictConfig, key: str, sweep_dir: str) -> str:
+    """Create the sweep's parent run, tagged with what identifies and describes the sweep."""
+    keys = swept_keys(config)
+    overrides = redact_overrides(
+        o for o in config.hydra.overrides.task if schema.is_identity_key(o.split("=")[0])
+    )
+    run = client.create_run(
+        exp_id,
+        run_name=sweep_name(config, keys),
+        tags={
+            schema.SWEEP_KEY: key,
+            schema.SWEEP_DIR: sweep_dir,
+            schema.SWEEP_OVERRIDES: schema.truncate(" ".join(overrides)),
+            schema.SWEPT_KEYS: ",".join(keys),
+            schema.SWEEPER: str(config.hydra.sweeper._target_),
+            schema.LAUNCHER: str(config.hydra.launcher._target_),
+            schema.MONITOR: str(config.trainer.monitor),
+            schema.MONITOR_MODE: schema.monitor_mode(config.trainer.monitor),
+            **store.process_tags(),
+            **tracking.git_tags(Path(__file__).parent),
+        },
+    )
+    return run.info.run_id
+
+
 # ---------------------------------------------------------------- the callback
 class SweepTracker(Callback):
     """Parent run, validation, resume and summary for every `-m` run of train.py."""
@@ -104,74 +156,31 @@ class SweepTracker(Callback):
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow import MlflowClient
-
-        sweeper = str(config.hydra.sweeper._target_)
-        if sweeper.endswith("BasicSweeper"):
-            bad = invalid_points(config)
-            if bad:
-                console.print(
-                    f"[bold red]equip: error:[/] {len(bad)} sweep point(s) are invalid;"
-                    " nothing was trained. Fix or remove them:"
-                )
-                for point, why in bad:
-                    console.print(f"  {' '.join(point)}\n    -> {why}", highlight=False)
-                raise SystemExit(2)
+        if str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
+            refuse_invalid_points(config)
         if config.hydra.launcher.get("dry_run"):  # a launcher that only writes job files:
-            context.export_sweep(
-                context.DRY_RUN_PARENT, swept_keys(config)
-            )  # no store, no parent run
+            context.export_sweep(context.DRY_RUN_PARENT, swept_keys(config))  # no store, no run
             return
         try:
             store.connect(config.tracking)
         except EquipError as e:
-            console.print(f"[bold red]equip: error:[/] {e}", highlight=False)
-            raise SystemExit(2) from None
+            fail(str(e), 2)
+        from mlflow import MlflowClient
+
         exp_id = store.experiment_id(config.tracking)
         client = MlflowClient()
-        key, keys = sweep_key(config), swept_keys(config)
+        key = sweep_key(config)
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         self.started = time.time()
         previous = client.search_runs(
             [exp_id], schema.sweep_parents(key), order_by=["attributes.start_time DESC"]
         )
         if config.multirun.resume and previous:
-            self.parent_id = previous[0].info.run_id
-            client.update_run(self.parent_id, status="RUNNING")
-            for k, v in store.process_tags().items():  # this process runs it now
-                client.set_tag(self.parent_id, k, v)
-            # Jobs still RUNNING were cut off with the sweep (a killed process cannot say so).
-            for run in client.search_runs([exp_id], schema.children_of(self.parent_id, "RUNNING")):
-                client.set_tag(run.info.run_id, schema.ERROR, "interrupted; rerun on resume")
-                client.set_terminated(run.info.run_id, "KILLED")
-            console.print(
-                f"resuming sweep {previous[0].info.run_name!r} ({self.parent_id}): "
-                "jobs that already finished are skipped",
-                highlight=False,
-            )
+            self.parent_id = resume_parent(client, exp_id, previous[0])
         else:
-            overrides = redact_overrides(
-                o for o in config.hydra.overrides.task if schema.is_identity_key(o.split("=")[0])
-            )
-            run = client.create_run(
-                exp_id,
-                run_name=sweep_name(config, keys),
-                tags={
-                    schema.SWEEP_KEY: key,
-                    schema.SWEEP_DIR: sweep_dir,
-                    schema.SWEEP_OVERRIDES: schema.truncate(" ".join(overrides)),
-                    schema.SWEPT_KEYS: ",".join(keys),
-                    schema.SWEEPER: sweeper,
-                    schema.LAUNCHER: str(config.hydra.launcher._target_),
-                    schema.MONITOR: str(config.trainer.monitor),
-                    schema.MONITOR_MODE: schema.monitor_mode(config.trainer.monitor),
-                    **store.process_tags(),
-                    **tracking.git_tags(Path(__file__).parent),
-                },
-            )
-            self.parent_id = run.info.run_id
+            self.parent_id = new_parent(client, exp_id, config, key, sweep_dir)
         client.set_tag(self.parent_id, schema.LAST_SWEEP_DIR, sweep_dir)
-        context.export_sweep(self.parent_id, keys)
+        context.export_sweep(self.parent_id, swept_keys(config))
         # Hydra skips on_multirun_end when a sweep aborts (Ctrl-C, a job raising with
         # continue_on_failure=false): end the parent anyway, with what its children have.
         atexit.register(self._end_if_aborted)
@@ -210,9 +219,5 @@ class SweepTracker(Callback):
         print_board(board)
         uri = store.resolve_uri(config.tracking)
         exp = MlflowClient().get_run(parent_id).info.experiment_id
-        console.print(
-            f"sweep parent: {tracking.run_location(uri, exp, parent_id)}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        say(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}")
         context.clear_sweep()

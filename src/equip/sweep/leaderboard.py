@@ -1,27 +1,22 @@
-"""A sweep's leaderboard: its children ranked, logged on the parent run, shown in the terminal.
-
-    python -m equip.leaderboard [PARENT_RUN_ID|latest]
+"""A sweep's leaderboard: its children ranked, logged on the parent run (CSV, Markdown, and the
+HTML table and plot of `_board_files`), shown in the terminal by `python -m equip.leaderboard`.
 
 torch/lightning are never imported here: the report command starts in about a second.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from equip.errors import EquipError
+from equip.sweep._board_files import cell, html_table, parallel_plot
+from equip.terminal import report
 from equip.track import record as tracking
-from equip.track import schema, store
-from equip.track.redaction import strip_secrets
+from equip.track import schema
 
 METRICS = schema.FINAL_METRICS
 CV_KEY = "data.fold"  # a sweep over only this key is a cross-validation
@@ -82,19 +77,6 @@ def rank(rows: list[dict[str, Any]], monitor: str) -> list[dict[str, Any]]:
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
     return ranked
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, str) and len(v) > 8:  # params are strings: shorten sampled floats
-        try:
-            v = float(v)
-        except ValueError:
-            return v
-    if isinstance(v, float):
-        if v.is_integer():
-            return str(int(v))
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-    return "" if v is None else str(v)
 
 
 def _interval(m: dict[str, float]) -> str:
@@ -188,12 +170,12 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
     w = csv.writer(buf)
     w.writerow([*cols, "run_id", "pruned", "error"])
     for r in rows:
-        w.writerow([_fmt(r[c]) for c in cols] + [r["run_id"], r["pruned"], r["error"]])
+        w.writerow([cell(r[c]) for c in cols] + [r["run_id"], r["pruned"], r["error"]])
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    md += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     client.log_text(parent_id, buf.getvalue(), "sweep/leaderboard.csv")
     client.log_text(parent_id, "\n".join(md) + "\n", "sweep/leaderboard.md")
-    client.log_text(parent_id, _html(cols, rows), "sweep/leaderboard.html")
+    client.log_text(parent_id, html_table(cols, rows), "sweep/leaderboard.html")
     tracking.log_metrics(parent_id, counts, step=0)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
     cv = cv_summary(rows) if keys == [CV_KEY] else None
@@ -210,68 +192,12 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
             parent_id, {k: best[k] for k in METRICS if best[k] is not None}, step=0
         )
         if keys and len(rows) > 1:
-            fig = _parallel_plot(rows, keys, parent)
+            fig = parallel_plot(rows, keys, parent)
             client.log_figure(parent_id, fig, "sweep/parallel.png")
             import matplotlib.pyplot as plt
 
             plt.close(fig)
     return {"parent": parent, "rows": rows, "keys": keys, "counts": counts, "cv": cv}
-
-
-def _html(cols: list[str], rows: list[dict[str, Any]]) -> str:
-    from html import escape
-
-    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows
-    )
-    return (
-        f"<html><body><table border=1 cellpadding=4><thead><tr>{head}</tr></thead>"
-        f"<tbody>{body}</tbody></table></body></html>\n"
-    )
-
-
-def _parallel_plot(rows: list[dict[str, Any]], keys: list[str], parent):
-    """Swept values against the monitored metric, one line per finished job.
-
-    Hand-written: pandas' parallel_coordinates colours by class and cannot mix categorical
-    (e.g. filters=[32, 64]) and numeric axes, which is exactly what a sweep has."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    monitor = "best_" + parent.data.tags.get(schema.MONITOR, "val_acc")
-    done = [r for r in rows if r["status"] == "FINISHED" and r.get(monitor) is not None]
-    axes = [*keys, monitor]
-    fig, ax = plt.subplots(figsize=(2.2 * len(axes) + 2, 4.5), layout="constrained")
-    positions = {}
-    for k in keys:
-        values = sorted({r[k] for r in done}, key=_sort_key)
-        positions[k] = {v: i / max(len(values) - 1, 1) for i, v in enumerate(values)}
-    scores = [r[monitor] for r in done]
-    lo, hi = min(scores), max(scores)
-    cmap = plt.get_cmap("viridis")
-    for r in done:
-        norm = (r[monitor] - lo) / (hi - lo) if hi > lo else 0.5
-        ys = [positions[k][r[k]] for k in keys] + [norm]
-        ax.plot(range(len(axes)), ys, color=cmap(norm), lw=2, alpha=0.8, marker="o")
-    for i, k in enumerate(keys):
-        for v, y in positions[k].items():
-            ax.annotate(v, (i, y), textcoords="offset points", xytext=(4, 0), fontsize=8)
-    ax.annotate(f"{hi:.3f}", (len(keys), 1), xytext=(4, 0), textcoords="offset points")
-    ax.annotate(f"{lo:.3f}", (len(keys), 0), xytext=(4, 0), textcoords="offset points")
-    ax.set_xticks(range(len(axes)), axes, rotation=15)
-    ax.set_yticks([])
-    ax.set_title(f"{parent.info.run_name}: swept values vs {monitor}")
-    return fig
-
-
-def _sort_key(v: str) -> tuple:
-    try:
-        return (0, float(v), "")
-    except ValueError:
-        return (1, 0.0, v)
 
 
 def print_board(board: dict[str, Any]) -> None:
@@ -282,87 +208,12 @@ def print_board(board: dict[str, Any]) -> None:
         table.add_column(_header(c), justify="left" if c in ("run_name", "status") else "right")
     for r in rows:
         status = r["status"] + (" (pruned)" if r["pruned"] else "")
-        table.add_row(*[_fmt(r[c]) if c != "status" else status for c in cols])
-    out = Console() if sys.stdout.isatty() else Console(width=200)  # pipes/CI: don't wrap at 80
-    out.print(table)
+        table.add_row(*[cell(r[c]) if c != "status" else status for c in cols])
+    report.print(table)
     counts = board.get("counts")
     if counts:
-        out.print(", ".join(f"{k.removeprefix('jobs_')}: {v}" for k, v in counts.items()))
+        report.print(", ".join(f"{k.removeprefix('jobs_')}: {v}" for k, v in counts.items()))
     if board.get("cv") is None and keys == [CV_KEY]:
         board["cv"] = cv_summary(rows)
     if (board.get("cv") or {}).get("cv_folds"):
-        out.print(cv_line(board["cv"]), highlight=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m equip.leaderboard: 0 when the board is shown, 2 with one line otherwise."""
-    ap = argparse.ArgumentParser(
-        prog="python -m equip.leaderboard", description="Print a sweep's leaderboard."
-    )
-    ap.add_argument("parent", nargs="?", default="latest", help="parent run id, or 'latest'")
-    ap.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder",
-    )
-    ap.add_argument("--experiment", default="equip")
-    args = ap.parse_args(argv)
-    try:
-        print_board(dict(zip(("parent", "rows", "keys"), _load(args), strict=True)))
-    except EquipError as e:
-        Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]equip: error:[/] {e}", highlight=False
-        )
-        return 2
-    return 0
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str]]:
-    uri = args.tracking_uri or store.default_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise EquipError(f"no MLflow store at {uri}; run a sweep first or pass --tracking-uri.")
-    if uri.startswith(("http://", "https://")) and not store.reachable(uri):
-        raise EquipError(
-            f"the MLflow server {strip_secrets(uri)} is unreachable; start it or "
-            "pass another --tracking-uri."
-        )
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    parent = args.parent
-    if parent == "latest":
-        exp = client.get_experiment_by_name(args.experiment)
-        runs = (
-            client.search_runs(
-                [exp.experiment_id],
-                schema.sweep_parents(),
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if exp
-            else []
-        )
-        if not runs:
-            raise EquipError(f"no sweep in experiment {args.experiment!r} at {uri}.")
-        parent = runs[0].info.run_id
-    try:
-        run = client.get_run(parent)
-    except MlflowException:
-        raise EquipError(
-            f"no run {parent!r} at {strip_secrets(uri)}; give a sweep's parent run id or 'latest'."
-        ) from None
-    if schema.SWEEP_KEY not in run.data.tags:
-        raise EquipError(
-            f"run {parent} ({run.info.run_name}) is a single run, not a sweep's "
-            "parent; give a parent run id (the MLflow UI nests its jobs under it) "
-            "or 'latest'."
-        )
-    store.reap_stale_runs(run.info.experiment_id)  # a crashed job shows as KILLED, not RUNNING
-    return leaderboard(parent)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        report.print(cv_line(board["cv"]))

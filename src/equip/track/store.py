@@ -1,5 +1,6 @@
 """Where runs go: the MLflow store, checked before any work, with bounded retries when it
-goes away, and runs of crashed processes marked KILLED by the next command that opens it.
+goes away, and runs of crashed processes (`_processes`) marked KILLED by the next command that
+opens it. An Azure ML workspace's URI is read by `_azureml`.
 
     sqlite:///mlflow.db (default), http(s)://HOST:PORT (an mlflow server), azureml://… (a
     workspace; tracking=azureml), or any other URI MLflow knows.
@@ -7,10 +8,7 @@ goes away, and runs of crashed processes marked KILLED by the next command that 
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,10 +17,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from equip.errors import EquipError, StoreUnavailable
-from equip.track import schema
+from equip.track._azureml import azureml_uri, require_azure_extra
+from equip.track._azureml import workspace_of as workspace_of  # re-exported: launchers use it
+from equip.track._processes import process_tags as process_tags  # re-exported: every run
+from equip.track._processes import reap_stale_runs
 from equip.track.redaction import strip_secrets
-
-log = logging.getLogger(__name__)
 
 # The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
 # environment (it does, for child processes): later runs in this process must not mistake it.
@@ -87,7 +86,7 @@ def check_store(tracking: DictConfig) -> str:
             "sqlite:///PATH.db, http(s)://HOST:PORT or a folder."
         )
     if scheme == "azureml":
-        _require_azure_extra()
+        require_azure_extra()
     elif scheme in ("http", "https"):
         uri = _move_credentials_to_environment(uri)
         _set_retries(float(tracking.get("outage_s", 120)))
@@ -196,140 +195,6 @@ def _check_folder(folder: Path, key: str) -> None:
         ) from None
     if not os.access(folder, os.W_OK):
         raise EquipError(f"{key}: folder {folder} is not writable; choose another location.")
-
-
-# ---------------------------------------------------------------- runs of crashed processes
-def process_tags() -> dict[str, str]:
-    """Who runs a run: the next command that opens the store checks this process is alive."""
-    return {
-        schema.HOST: socket.gethostname(),
-        schema.PID: str(os.getpid()),
-        schema.PID_STARTED: _started(os.getpid()),
-        schema.HEARTBEAT: str(int(time.time())),
-    }
-
-
-def _started(pid: int) -> str:
-    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(pid: int, started: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not started or _started(pid) in ("", started)
-
-
-def reap_stale_runs(experiment_id: str, stale_after_s: float = 1800) -> list[str]:
-    """Mark KILLED the RUNNING runs whose process is gone: on this host, its pid no longer
-    runs; elsewhere, no heartbeat for `stale_after_s`. Returns their ids."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    host, now, reaped = socket.gethostname(), time.time(), []
-    for run in client.search_runs(
-        [experiment_id], "attributes.status = 'RUNNING'", max_results=1000
-    ):
-        t = run.data.tags
-        if schema.PID not in t:
-            continue  # not ours (or from before equip recorded processes)
-        if t.get(schema.HOST) == host:
-            gone = not _alive(int(t[schema.PID]), t.get(schema.PID_STARTED, ""))
-            why = f"its process {t[schema.PID]} on {host} is gone (killed or crashed)"
-        else:
-            age = now - float(t.get(schema.HEARTBEAT, now))
-            gone = age > stale_after_s
-            why = f"no heartbeat from {t.get(schema.HOST)} for {age:.0f} s"
-        if gone:
-            client.set_tag(
-                run.info.run_id,
-                schema.ERROR,
-                f"{why}; marked KILLED by a later command (rerun it, or resume the sweep)",
-            )
-            client.set_terminated(run.info.run_id, "KILLED")
-            reaped.append(run.info.run_id)
-    if reaped:
-        log.warning(
-            "marked %d run(s) KILLED whose process is gone: %s", len(reaped), ", ".join(reaped)
-        )
-    return reaped
-
-
-# ---------------------------------------------------------------- Azure ML workspace
-def _require_azure_extra() -> None:
-    try:
-        import azureml.mlflow  # noqa: F401  # registers the azureml:// store with MLflow
-    except ImportError:
-        raise EquipError(
-            'logging to Azure ML needs the Azure extra: pip install -e ".[azure]"'
-        ) from None
-
-
-def _workspace(tracking: DictConfig) -> tuple[str, str, str]:
-    if tracking.config_path:
-        import json
-
-        path = Path(tracking.config_path).expanduser()
-        try:
-            ws = json.loads(path.read_text())
-            return ws["subscription_id"], ws["resource_group"], ws["workspace_name"]
-        except (OSError, ValueError, KeyError) as e:
-            raise EquipError(
-                f"tracking.config_path={path}: not a workspace config.json ({e}). Download it "
-                "from the workspace page in the Azure portal."
-            ) from None
-    keys = ("subscription_id", "resource_group", "workspace_name")
-    missing = [k for k in keys if not tracking.get(k)]
-    if missing:
-        raise EquipError(
-            f"tracking=azureml needs tracking.config_path=PATH/config.json, or all of "
-            f"tracking.{', tracking.'.join(keys)} (missing: {', '.join(missing)})."
-        )
-    return tracking.subscription_id, tracking.resource_group, tracking.workspace_name
-
-
-def azureml_uri(tracking: DictConfig) -> str:
-    """The workspace's MLflow tracking URI, read from Azure Resource Manager.
-
-    One GET with an azure-identity token: the azure-ai-ml SDK would answer the same question but
-    pulls in a large dependency tree for it. The token is used in memory only, never logged."""
-    import json
-
-    _require_azure_extra()
-    sub, group, name = _workspace(tracking)
-    from azure.identity import DefaultAzureCredential
-
-    logging.getLogger("azure.identity").setLevel(logging.ERROR)  # its failure is reported below
-    try:
-        token = DefaultAzureCredential(exclude_interactive_browser_credential=True).get_token(
-            "https://management.azure.com/.default"
-        )
-    except Exception as e:  # azure-identity raises several types; its text names no secret
-        raise EquipError(
-            "no usable Azure credentials: sign in with `az login`, or set AZURE_CLIENT_ID, "
-            "AZURE_TENANT_ID and AZURE_CLIENT_SECRET for a service principal (inside an Azure "
-            f"ML job MLFLOW_TRACKING_URI is set for you). Azure said: {str(e).splitlines()[0]}"
-        ) from None
-    url = (
-        f"https://management.azure.com/subscriptions/{sub}/resourceGroups/{group}/providers/"
-        f"Microsoft.MachineLearningServices/workspaces/{name}?api-version=2024-04-01"
-    )
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.load(answer)["properties"]["mlFlowTrackingUri"]
-    except (OSError, ValueError, KeyError) as e:
-        raise EquipError(
-            f"could not read the MLflow URI of workspace {name} (resource group {group}, "
-            f"subscription {sub}): {e}. Check the names and your access to the workspace."
-        ) from None
 
 
 def experiment_id(tracking: DictConfig) -> str:

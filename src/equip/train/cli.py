@@ -1,4 +1,4 @@
-"""Terminal side of train.py: old spellings upgraded, one line per outcome, exit codes that mean
+"""Terminal side of train.py: one line per outcome, exit codes that mean
 something (0 done, 2 bad input, 130 stopped by you), no stack traces for what users can fix."""
 
 from __future__ import annotations
@@ -12,55 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
-from rich.console import Console
 
 from equip.errors import EquipError
+from equip.terminal import fail, say
 from equip.track.redaction import strip_secrets
-
-console = Console(stderr=True, soft_wrap=True)  # long paths stay whole, greppable
-
-# Spellings of the previous release, kept working for one more release.
-RENAMED = {
-    "register": "registry.enabled",
-    "sweep.resume": "multirun.resume",
-    "sweep.continue_on_failure": "multirun.continue_on_failure",
-    "sweep.median_stop": "multirun.median_stop",
-}
-DROPPED = ("trainer.monitor_mode",)  # now follows trainer.monitor
-
-
-def upgrade_argv(argv: list[str]) -> list[str]:
-    """Rewrite deprecated overrides in place of Hydra seeing them, with a one-line note each."""
-    out = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        bare = key.lstrip("+~")
-        new = next(
-            (
-                n + bare[len(o) :]
-                for o, n in RENAMED.items()
-                if bare == o or bare.startswith(o + ".")
-            ),
-            None,
-        )
-        if eq and new:
-            console.print(
-                f"equip: note: {bare}= is now {new}= (the old spelling goes in the next release)",
-                highlight=False,
-            )
-            arg = f"{new}={value}"
-        elif eq and bare in DROPPED:
-            console.print(
-                f"equip: note: {bare} is dropped: it follows trainer.monitor now", highlight=False
-            )
-            continue
-        out.append(arg)
-    return out
-
-
-def fail(message: str, code: int) -> None:
-    console.print(f"[bold red]equip: error:[/] {strip_secrets(message)}", highlight=False)
-    raise SystemExit(code)
 
 
 @contextmanager
@@ -101,10 +56,9 @@ def run_training(cfg: DictConfig) -> float:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         result = train(cfg, job)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
-        console.print(
-            "[bold yellow]stopped by you[/]: the run is marked KILLED; run the same "
-            "command again to resume",
-            highlight=False,
+        say(
+            ("stopped by you", "bold yellow"),
+            ": the run is marked KILLED; run the same command again to resume",
         )
         raise SystemExit(130) from None
     except Exception as e:
@@ -123,9 +77,7 @@ def run_training(cfg: DictConfig) -> float:
                 3,
             )
         if job.in_sweep and job.continue_on_failure:
-            console.print(
-                f"[bold red]job failed[/] (the sweep goes on): {describe(e)}", highlight=False
-            )
+            say(("job failed", "bold red"), f" (the sweep goes on): {describe(e)}")
             return FAILED_JOB_SCORE
         if isinstance(e, EquipError):
             fail(str(e), 2)
@@ -169,9 +121,9 @@ def report(cfg: DictConfig, result: dict) -> float:
 
     m = result["metrics"]
     if result.get("skipped"):
-        console.print(
-            f"[yellow]skipped[/] {result['run_name']}: already FINISHED as run {result['run_id']}",
-            highlight=False,
+        say(
+            ("skipped", "yellow"),
+            f" {result['run_name']}: already FINISHED as run {result['run_id']}",
         )
     else:
         print_done(result)
@@ -187,11 +139,10 @@ def print_done(result: dict) -> None:
             if "cv_mean_best_val_acc" in m
             else "no CV estimate"
         )
-        console.print(
-            f"[bold green]done[/] {result['run_name']}: final fit on every image, "
-            f"{m['epochs_trained']:.0f} epochs, trained in {m['train_time_s']:.0f} s; "
-            f"{cv}",
-            highlight=False,
+        say(
+            ("done", "bold green"),
+            f" {result['run_name']}: final fit on every image, "
+            f"{m['epochs_trained']:.0f} epochs, trained in {m['train_time_s']:.0f} s; {cv}",
         )
     else:
         where = (
@@ -205,14 +156,13 @@ def print_done(result: dict) -> None:
             if "val_images" in m
             else ""
         )
-        console.print(
-            f"[bold green]done[/] {result['run_name']}: val_acc {m['best_val_acc']:.3f}{ci}"
-            f"{where}, macro-F1 {m['best_val_macro_f1']:.3f}, trained in "
-            f"{m['train_time_s']:.0f} s",
-            highlight=False,
+        say(
+            ("done", "bold green"),
+            f" {result['run_name']}: val_acc {m['best_val_acc']:.3f}{ci}{where}, macro-F1 "
+            f"{m['best_val_macro_f1']:.3f}, trained in {m['train_time_s']:.0f} s",
         )
     if "registry" in result:
         r = result["registry"]
         verdict = f"registered as version {r['version']}" if r["registered"] else "not registered"
-        console.print(f"registry: {verdict}: {r['reason']}", highlight=False)
-    console.print(f"MLflow: {result['location']}", highlight=False, soft_wrap=True)
+        say(f"registry: {verdict}: {r['reason']}")
+    say(f"MLflow: {result['location']}")

@@ -14,23 +14,19 @@ import hashlib
 import json
 import re
 import shlex
-import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from equip.errors import EquipError
-from equip.track import schema, store
+from equip.launchers.azureml.settings import RunSettings
+from equip.track import schema
 
-DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
-# Azure ML compute names: a letter first, then letters, digits and hyphens (clusters allow
-# 2-16 characters, compute instances up to 24); checked here so a typo fails before any upload.
-COMPUTE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,23}$")
 # Of the tracking.* overrides a job keeps only these: the rest locate the workspace from outside
 # (a job logs through the MLflow URI Azure ML injects), and data.root becomes the data input.
 REMOTE_TRACKING_KEEP = ("tracking.experiment", "tracking.log_model")
@@ -39,41 +35,6 @@ REMOTE_PATH = re.compile(r"^(azureml:|https://|wasbs://|abfss://|adl://)")
 JOB_TAG = "equip.azureml_job"  # tag of the child run: the Azure ML job that trained it
 KEY_TAG = "equip.launch_key"  # tag of the child run: its overrides and data, for resume
 DATA_ARG = "data.root=${{inputs.data}}"  # the mounted input, substituted by Azure ML
-
-
-@dataclass(frozen=True)
-class Settings:
-    """`hydra.launcher.*` (a sweep) or `launch.*` (a single run), as in
-    conf/hydra/launcher/azureml.yaml."""
-
-    compute: str | None = None
-    max_concurrent: int = 4
-    dry_run: bool = False
-    image: str = DEFAULT_IMAGE
-    python: str | None = None
-    pins: str = "pyproject"
-    pip_extra_index_url: str | None = None
-    experiment_name: str | None = None
-    data_mode: str = "ro_mount"
-    poll_s: float = 20.0
-
-    @classmethod
-    def of(cls, values: Any) -> Settings:
-        """From a config node or mapping; unknown keys (Hydra's _target_) are ignored."""
-        if isinstance(values, DictConfig):
-            values = OmegaConf.to_container(values, resolve=True)
-        known = {f.name for f in fields(cls)}
-        s = cls(**{k: v for k, v in dict(values).items() if k in known})
-        py = s.python or f"{sys.version_info.major}.{sys.version_info.minor}"
-        return cls(
-            **{
-                **s.__dict__,
-                "python": py,
-                "max_concurrent": max(1, int(s.max_concurrent)),
-                "dry_run": bool(s.dry_run),
-                "poll_s": float(s.poll_s),
-            }
-        )
 
 
 @dataclass
@@ -96,43 +57,6 @@ class AzureJob:
 def new_tag() -> str:
     """Part of every job name of one launch: time and a random suffix (names are unique)."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def quiet_sdk_logs() -> None:
-    import logging
-
-    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
-    logging.getLogger("azure.identity").setLevel(logging.ERROR)  # failures: one line of ours
-
-
-def require_sdk(what: str) -> None:
-    try:
-        import azure.ai.ml  # noqa: F401
-    except ImportError:
-        raise EquipError(f'{what} needs the Azure extra: pip install -e ".[azure]"') from None
-    quiet_sdk_logs()
-
-
-def check_settings(config: DictConfig, compute: str | None, prefix: str) -> None:
-    """Everything that can be wrong before the SDK is touched, as one EquipError."""
-    if not compute:
-        raise EquipError(
-            f"Azure ML needs {prefix}.compute=NAME, the name of a compute cluster in the workspace."
-        )
-    if not COMPUTE_NAME.match(str(compute)) or str(compute).endswith("-"):
-        raise EquipError(
-            f"{prefix}.compute={compute!r} is not an Azure ML compute name: 2-24 "
-            "letters, digits or hyphens, starting with a letter, e.g. "
-            f"{prefix}.compute=cpu-cluster."
-        )
-    kind = config.tracking.get("kind")
-    if kind != "azureml" and not str(store.USER_TRACKING_URI or "").startswith("azureml:"):
-        raise EquipError(
-            "Azure ML jobs log to the workspace: add tracking=azureml with "
-            "tracking.config_path=config.json (or tracking.subscription_id, "
-            "tracking.resource_group, tracking.workspace_name)."
-        )
-    store._workspace(config.tracking)  # names the missing keys
 
 
 # ---------------------------------------------------------------- code and environment
@@ -181,7 +105,7 @@ def conda_spec(project: Path, python: str, pins: str, extra_index_url: str | Non
     }
 
 
-def build_environment(project: Path, s: Settings) -> Any:
+def build_environment(project: Path, s: RunSettings) -> Any:
     """An anonymous environment: base image + generated conda file. Azure ML names it by a hash
     of its content, so an unchanged pyproject.toml reuses the image built before."""
     from azure.ai.ml.entities import Environment
@@ -269,7 +193,7 @@ def command_job(
     command: str,
     project: Path,
     environment: Any,
-    s: Settings,
+    s: RunSettings,
     data_path: str | None,
     env: dict[str, str],
     tags: dict[str, str] | None = None,

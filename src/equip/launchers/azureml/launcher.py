@@ -34,13 +34,14 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.markup import escape
 
 from equip.errors import EquipError
 from equip.launchers.azureml import jobs
-from equip.launchers.azureml.jobs import AzureJob, Settings
-from equip.launchers.azureml.service import TERMINAL, JobService, console
+from equip.launchers.azureml.jobs import AzureJob
+from equip.launchers.azureml.service import TERMINAL, JobService
+from equip.launchers.azureml.settings import LauncherSettings, check_settings, require_sdk
 from equip.sweep import context
+from equip.terminal import fail, say
 from equip.track import record as tracking
 from equip.track import schema
 from equip.track.redaction import redact_overrides
@@ -53,7 +54,7 @@ class AzureMLLauncher(Launcher):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__()
-        self.settings = Settings.of(settings)
+        self.settings = LauncherSettings.of(settings)
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
         self.task_function: Any = None
@@ -73,16 +74,15 @@ class AzureMLLauncher(Launcher):
         try:
             return self._launch(job_overrides, initial_job_idx)
         except EquipError as e:
-            console.print(f"[bold red]equip: error:[/] {escape(str(e))}")
-            raise SystemExit(2) from None
+            fail(str(e), 2)
 
     def _launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         assert self.config is not None
         config, s = self.config, self.settings
-        jobs.check_settings(config, s.compute, "hydra.launcher")
-        jobs.require_sdk("hydra/launcher=azureml")
+        check_settings(config, s.compute, "hydra.launcher")
+        require_sdk("hydra/launcher=azureml")
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         source = inspect.getsourcefile(self.task_function) if self.task_function else None
@@ -154,7 +154,7 @@ class AzureMLLauncher(Launcher):
             jobs.write_job_file(j, sweep_dir / f"{j.name}.azureml.yaml")
             # 0.0, not NaN: Optuna (2.10, as hydra-optuna-sweeper pins it) rejects NaN values.
             j.result = job_return(j, 0.0, JobStatus.COMPLETED, sweep_dir)
-        console.print(
+        say(
             f"dry run: {len(built)} Azure ML job(s) validated, nothing submitted; job "
             f"files in {sweep_dir.resolve()}/*.azureml.yaml"
         )
@@ -174,14 +174,14 @@ class AzureMLLauncher(Launcher):
             if twin is None:
                 todo.append(j)
                 continue
-            console.print(
-                f"[yellow]skipped[/] {escape(j.display_name)}: already FINISHED as run "
-                f"{twin.info.run_id}"
+            say(
+                ("skipped", "yellow"),
+                f" {j.display_name}: already FINISHED as run {twin.info.run_id}",
             )
             j.result = job_return(j, monitored(j.cfg, twin), JobStatus.COMPLETED, sweep_dir)
         waiting, active = list(todo), []
         if todo:
-            console.print(
+            say(
                 f"submitting {len(todo)} job(s) to Azure ML compute {s.compute}, "
                 f"{s.max_concurrent} at a time"
             )
@@ -199,9 +199,9 @@ class AzureMLLauncher(Launcher):
         except (KeyboardInterrupt, EquipError) as stop:  # Ctrl-C, or Azure refused something
             service.cancel(active)
             why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped"
-            console.print(
-                f"[bold red]{why}:[/] cancelled {len(active)} Azure ML job(s); "
-                f"{len(waiting)} were never submitted"
+            say(
+                (f"{why}:", "bold red"),
+                f" cancelled {len(active)} Azure ML job(s); {len(waiting)} were never submitted",
             )
             raise
         return [j.result for j in built]
@@ -220,16 +220,16 @@ class AzureMLLauncher(Launcher):
         if j.status == "Completed" and run is not None and run.info.status == "FINISHED":
             metric = f"best_{j.cfg.trainer.monitor}"
             score = run.data.metrics.get(metric, math.nan)
-            console.print(
-                f"[bold green]done[/] {escape(j.display_name)}: {metric} {score:.4f} "
-                f"(run {run.info.run_id})"
+            say(
+                ("done", "bold green"),
+                f" {j.display_name}: {metric} {score:.4f} (run {run.info.run_id})",
             )
             return job_return(j, monitored(j.cfg, run), JobStatus.COMPLETED, sweep_dir)
         why = f"Azure ML job {j.name} ended {j.status}" + (
             f", its run is {run.info.status}" if run is not None else ", it recorded no run"
         )
         if j.cfg.multirun.continue_on_failure:
-            console.print(f"[bold red]job failed[/] (the sweep goes on): {escape(why)}  {j.url}")
+            say(("job failed", "bold red"), f" (the sweep goes on): {why}  {j.url}")
             return job_return(j, context.FAILED_JOB_SCORE, JobStatus.COMPLETED, sweep_dir)
         return job_return(j, RuntimeError(f"{why}: {j.url}"), JobStatus.FAILED, sweep_dir)
 

@@ -17,12 +17,13 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from rich.markup import escape
 
 from equip.errors import EquipError
 from equip.launchers.azureml import jobs
-from equip.launchers.azureml.jobs import AzureJob, Settings
-from equip.launchers.azureml.service import TERMINAL, JobService, console
+from equip.launchers.azureml.jobs import AzureJob
+from equip.launchers.azureml.service import TERMINAL, JobService
+from equip.launchers.azureml.settings import RunSettings, check_settings, require_sdk
+from equip.terminal import fail, say
 from equip.track import record as tracking
 from equip.track import store
 from equip.track.redaction import redact_overrides
@@ -43,20 +44,19 @@ class SubmitRun(Callback):
         try:
             code = self._submit(config)
         except EquipError as e:
-            console.print(f"[bold red]equip: error:[/] {escape(str(e))}")
-            code = 2
+            fail(str(e), 2)
         raise SystemExit(code)
 
-    def service(self, config: DictConfig, s: Settings) -> JobService:
+    def service(self, config: DictConfig, s: RunSettings) -> JobService:
         return JobService(config.tracking, str(s.compute), "launch")
 
     def _submit(self, config: DictConfig) -> int:
         from equip.config.checks import check_config
 
-        s = Settings.of(config.launch)
-        jobs.check_settings(config, s.compute, "launch")
+        s = RunSettings.of(config.launch)
+        check_settings(config, s.compute, "launch")
         check_config(config)  # a bad config fails here, not after the cluster has started
-        jobs.require_sdk("+launch=azureml")
+        require_sdk("+launch=azureml")
         project = jobs.project_root_of(Path(sys.argv[0]))
         overrides = [
             o for o in config.hydra.overrides.task if jobs.key_of(o).split(".")[0] != "launch"
@@ -80,13 +80,10 @@ class SubmitRun(Callback):
         )
         j = AzureJob(0, overrides, config, name, display, "", command, local)
         if s.dry_run:
-            path = Path(str(config.hydra.run.dir)) / f"{name}.azureml.yaml"
+            path = (Path(str(config.hydra.run.dir)) / f"{name}.azureml.yaml").resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
             jobs.write_job_file(j, path)
-            console.print(
-                f"dry run: the Azure ML job is validated, nothing submitted; job file "
-                f"{path.resolve()}"
-            )
+            say(f"dry run: the Azure ML job is validated, nothing submitted; job file {path}")
             return 0
         service = self.service(config, s)
         service.submit(j)
@@ -96,7 +93,7 @@ class SubmitRun(Callback):
                 service.poll(j)
         except (KeyboardInterrupt, EquipError):
             service.cancel([j])
-            console.print(f"[bold red]stopped:[/] cancelled Azure ML job {j.name}  {j.url}")
+            say(("stopped:", "bold red"), f" cancelled Azure ML job {j.name}  {j.url}")
             raise
         return self._result(config, j)
 
@@ -110,16 +107,17 @@ class SubmitRun(Callback):
         except Exception:
             run = None
         if j.status != "Completed" or run is None or run.info.status != "FINISHED":
-            console.print(
-                f"[bold red]failed:[/] Azure ML job {j.name} ended {j.status}; its "
-                f"log is in Studio: {j.url}"
+            say(
+                ("failed:", "bold red"),
+                f" Azure ML job {j.name} ended {j.status}; its log is in Studio: {j.url}",
             )
             return 1
         m = run.data.metrics
         acc, f1 = m.get("best_val_acc", math.nan), m.get("best_val_macro_f1", math.nan)
-        console.print(
-            f"[bold green]done[/] {escape(run.info.run_name or j.name)}: val_acc "
-            f"{acc:.3f}, macro-F1 {f1:.3f} on Azure ML  {j.url}"
+        say(
+            ("done", "bold green"),
+            f" {run.info.run_name or j.name}: val_acc {acc:.3f}, macro-F1 {f1:.3f} on Azure ML"
+            f"  {j.url}",
         )
         return 0
 

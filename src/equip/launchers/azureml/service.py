@@ -9,14 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.markup import escape
 
 from equip.errors import EquipError
 from equip.launchers.azureml.jobs import AzureJob, folder_fingerprint
+from equip.terminal import say
 from equip.track import store
-
-console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding"}
 MAX_POLL_ERRORS = 10  # status reads failing in a row before the launch gives up (and cancels)
@@ -77,7 +74,7 @@ class JobService:
             from azure.ai.ml import MLClient
             from azure.identity import DefaultAzureCredential
 
-            sub, group, ws = store._workspace(self.tracking)
+            sub, group, ws = store.workspace_of(self.tracking)
             credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
             client = MLClient(credential, sub, group, ws)
             with azure_errors(f"workspace {ws}"):
@@ -112,8 +109,7 @@ class JobService:
                 except Exception as e:
                     if not _not_found(e):
                         raise
-                    where = escape(str(local))
-                    console.print(f"uploading {where} as data asset {name}:{version} (once)")
+                    say(f"uploading {local} as data asset {name}:{version} (once)")
                     asset = self.client.data.create_or_update(
                         Data(
                             name=name,
@@ -149,7 +145,7 @@ class JobService:
                     f"{self.poll_errors} times in a row: {why}. Check the "
                     "network and your access."
                 ) from None
-            console.print(
+            say(
                 f"could not read the status of {j.name} ({type(e).__name__}); "
                 "retrying at the next poll"
             )
@@ -165,9 +161,9 @@ class JobService:
             try:
                 self.client.jobs.begin_cancel(j.name)
             except Exception as e:
-                console.print(f"could not cancel {j.name}: {escape(str(e))} ({j.url})")
+                say(f"could not cancel {j.name}: {e} ({j.url})")
 
     @staticmethod
     def report(j: AzureJob, status: str) -> None:
         j.status = status
-        console.print(f"\\[azureml] #{j.idx} {escape(j.display_name)}: {status}  {j.url}")
+        say(f"[azureml] #{j.idx} {j.display_name}: {status}  {j.url}")

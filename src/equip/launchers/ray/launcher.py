@@ -38,84 +38,29 @@ node that ran the job.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
 
 from equip.errors import EquipError
+from equip.launchers.ray._cluster import address_host, connect, plain, slots, store_refusal
+from equip.launchers.ray._worker import run_job_on_ray, warm_up
 from equip.sweep.context import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV
+from equip.terminal import fail, say
 from equip.track import schema, store
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True, soft_wrap=True)
-NODE_TAG = "equip.ray_node_id"
 LOST_NODE = "lost with its Ray node or worker process"
-
-
-# ---------------------------------------------------------------- one store for every node
-def is_local_store(uri: str) -> bool:
-    """A store only this machine can write to: sqlite, a file store, a plain path."""
-    scheme = urlsplit(uri).scheme.lower()
-    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # "C:\..." is a path too
-
-
-def is_local_host(host: str) -> bool:
-    """True when `host` is this machine (loopback, its name, or one of its addresses)."""
-    if host in ("", "localhost") or host.startswith("127.") or host == "::1":
-        return True
-    try:
-        ip = socket.gethostbyname(host)
-    except OSError:
-        return False
-    if ip.startswith("127."):
-        return True
-    with socket.socket() as s:  # an address of this machine is the only one we can bind to
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            return False
-    return True
-
-
-def address_host(address: str | None) -> str | None:
-    """The host of a Ray address (`HOST:PORT`, `ray://HOST:PORT`); None for a local instance."""
-    if not address or address in ("local", "auto"):
-        return None
-    if "://" not in address:
-        address = "ray://" + address
-    return urlsplit(address).hostname or ""
-
-
-def store_refusal(uri: str, hosts: Sequence[str]) -> str | None:
-    """Why the jobs on `hosts` could not log to `uri`, or None when they can."""
-    remote = [h for h in hosts if not is_local_host(h)]
-    if not remote or not uri or not is_local_store(uri):
-        return None
-    return (
-        f"tracking store {uri} is on this machine only, but the Ray cluster has nodes on "
-        f"{', '.join(sorted(set(remote)))}: use an mlflow server URI: mlflow server --host "
-        "0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db --artifacts-destination "
-        "./mlartifacts, and tracking.uri=http://THIS_HOST:5000"
-    )
-
-
-def _refuse(why: str) -> None:
-    console.print(f"[bold red]equip: error:[/] {why}", highlight=False)
-    raise SystemExit(2)
 
 
 _session: dict[str, Any] = {}  # this driver's Ray set-up, from the callback to the launcher
@@ -129,92 +74,32 @@ class RayPreflight(Callback):
         start(config)
 
 
-def start(config: DictConfig, warm_up: bool = True) -> dict[str, Any]:
+def start(config: DictConfig, warm_up_workers: bool = True) -> dict[str, Any]:
     """Check the store against the cluster, connect, and start the sweep's workers."""
     ray_cfg = config.hydra.launcher.ray
     try:
         uri = store.resolve_uri(config.tracking)
     except EquipError as e:
-        _refuse(str(e))
+        fail(str(e), 2)
     host = address_host(OmegaConf.select(ray_cfg, "init.address"))
     why = store_refusal(uri, [host] if host is not None else [])
     if why:
-        _refuse(why)  # before connecting: a remote cluster may take long to answer
-    ray = _connect(ray_cfg.get("init") or {})
+        fail(why, 2)  # before connecting: a remote cluster may take long to answer
+    ray = connect(ray_cfg.get("init") or {})
     hosts = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
     why = store_refusal(uri, hosts)  # e.g. address=auto, with nodes on other machines
     if why:
-        _refuse(why)
-    remote = {"num_cpus": 1, "max_retries": 0, **_plain(ray_cfg.get("remote"))}
-    env = _plain(ray_cfg.get("runtime_env"))
+        fail(why, 2)
+    remote = {"num_cpus": 1, "max_retries": 0, **plain(ray_cfg.get("remote"))}
+    env = plain(ray_cfg.get("runtime_env"))
     env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
     env_vars.update(MLFLOW_TRACKING_URI=uri, EQUIP_RAY_SWEEP=uuid.uuid4().hex)
     runtime_env = {**env, "env_vars": env_vars}
     _session.update(uri=uri, remote=remote, runtime_env=runtime_env, hosts=hosts)
-    if warm_up:
-        slots = _slots(ray.cluster_resources(), remote)
-        task = ray.remote(_warm_up).options(**remote, runtime_env=runtime_env)
-        _session["warm_up"] = [task.remote() for _ in range(slots)]
+    if warm_up_workers:
+        task = ray.remote(warm_up).options(**remote, runtime_env=runtime_env)
+        _session["warm_up"] = [task.remote() for _ in range(slots(ray.cluster_resources(), remote))]
     return _session
-
-
-def _slots(resources: dict[str, float], remote: dict[str, Any]) -> int:
-    """How many jobs the cluster runs at once."""
-    need = {"CPU": remote.get("num_cpus") or 0, "GPU": remote.get("num_gpus") or 0}
-    fits = [int(resources.get(r, 0) // n) for r, n in need.items() if n > 0]
-    return max(1, min([*fits, 64]))
-
-
-def _warm_up() -> str:
-    """Import what every job needs; the sweep's jobs then run in this warm worker process
-    (Ray reuses workers with the same runtime_env)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-
-    import equip.train.run  # noqa: F401  # torch, Lightning, MLflow
-
-    return "warm"
-
-
-# ---------------------------------------------------------------- the job, on a Ray worker
-def _run_job_on_ray(
-    hydra_context: HydraContext,
-    sweep_config: DictConfig,
-    task_function: TaskFunction,
-    singleton_state: dict[Any, Any],
-    launch_dir: str,
-    num_cpus: float,
-    job_env: dict[str, str],
-) -> JobReturn:
-    import ray
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.utils import run_job
-
-    from equip.runtime import cpu_count
-
-    os.environ.update(job_env)  # the sweep's parent run and swept keys
-    if Path(launch_dir).is_dir():  # one machine or a shared folder: relative paths as on the driver
-        os.chdir(launch_dir)
-    tags = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
-    tags[NODE_TAG] = ray.get_runtime_context().get_node_id()
-    tags["equip.ray_node_ip"] = ray.util.get_node_ip_address()
-    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(tags)  # MLflow adds these to every new run
-    with open_dict(sweep_config):
-        # Jobs sharing a node share its cores: train with the reserved CPUs' worth of threads
-        # (the same setting through which the joblib launcher shares them out).
-        sweep_config.hydra.launcher.n_jobs = max(1, cpu_count() // max(1, int(num_cpus)))
-    setup_globals()
-    Singleton.set_state(singleton_state)
-    HydraConfig.instance().set_config(sweep_config)
-    return run_job(
-        hydra_context=hydra_context,
-        task_function=task_function,
-        config=sweep_config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
 
 
 # ---------------------------------------------------------------- the launcher, on the driver
@@ -228,7 +113,7 @@ def launch(
     """Run one batch of a sweep's jobs as Ray tasks; every job's JobReturn, in order."""
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    session = _session or start(config, warm_up=False)  # no callback: set up here
+    session = _session or start(config, warm_up_workers=False)  # no callback: set up here
     import ray
 
     uri = store.connect(config.tracking)
@@ -237,7 +122,7 @@ def launch(
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     remote = session["remote"]
-    task = ray.remote(_run_job_on_ray).options(**remote, runtime_env=session["runtime_env"])
+    task = ray.remote(run_job_on_ray).options(**remote, runtime_env=session["runtime_env"])
     context, function, singletons = (
         ray.put(x) for x in (hydra_context, task_function, Singleton.get_state())
     )
@@ -284,10 +169,9 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
             except RayError as e:  # its node or worker process was lost
                 text = str(e).strip()
                 first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else ""
-                console.print(
-                    f"[bold red]job #{idx} {LOST_NODE}[/] ({type(e).__name__}: "
-                    f"{first}); run the same command again to rerun it",
-                    highlight=False,
+                say(
+                    (f"job #{idx} {LOST_NODE}", "bold red"),
+                    f" ({type(e).__name__}: {first}); run the same command again to rerun it",
                 )
                 lost = _completed(overrides, FAILED_JOB_SCORE) if go_on else _failed(overrides, e)
                 results.append(lost)
@@ -315,35 +199,6 @@ def fail_orphans(parent_id: str | None) -> int:
         client.set_tag(run.info.run_id, schema.ERROR, f"{LOST_NODE}; rerun on resume")
         client.set_terminated(run.info.run_id, "FAILED")
     return len(orphans)
-
-
-def _connect(init: DictConfig | dict) -> Any:
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each job's own "done ..." line, no "[repeated]"
-    import ray
-
-    if not ray.is_initialized():
-        kwargs = {k: v for k, v in _plain(init).items() if v is not None}
-        if address_host(kwargs.get("address")) is None and kwargs.get("address") != "auto":
-            kwargs.setdefault("include_dashboard", False)  # a local instance for this sweep
-        kwargs.setdefault("log_to_driver", True)
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            where = kwargs.get("address") or "a local instance"
-            console.print(
-                f"[bold red]equip: error:[/] cannot start or reach Ray ({where}): {e}",
-                highlight=False,
-            )
-            raise SystemExit(2) from None
-    return ray
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    return dict(node)
 
 
 def _continue_on_failure(config: DictConfig | None) -> bool:
