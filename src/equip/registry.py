@@ -57,7 +57,6 @@ def register_if_better(
     registry.gate=cv compares the config's CV sweep with the baseline's CV on the same folds,
     fold by fold, and `score` becomes the CV mean."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     reg = cfg.registry
@@ -69,8 +68,25 @@ def register_if_better(
     else:
         gate = _holdout_gate(client, experiment_id, cfg, fingerprint, score)
     decision: dict[str, Any] = {"registered": False, "score": score, "reason": gate["reason"]}
-    if not gate["passed"]:
-        return _record(client, run_id, decision)
+    if gate["passed"]:
+        version = _register(run_id, model_uri, cfg, fingerprint, score, gate)
+        decision.update(registered=True, version=version)
+        _crown(client, reg, version, score, decision)
+    return _record(client, run_id, decision)
+
+
+def _register(
+    run_id: str,
+    model_uri: str,
+    cfg: DictConfig,
+    fingerprint: str,
+    score: float,
+    gate: dict[str, Any],
+) -> str:
+    """A new version of the registered model, tagged with its run, score, data and gate."""
+    import mlflow
+
+    reg = cfg.registry
     tags = {
         "equip.run_id": run_id,
         f"equip.{reg.metric}": f"{score:.6f}",
@@ -78,10 +94,13 @@ def register_if_better(
         "equip.gate": str(reg.gate),
         **gate.get("tags", {}),
     }
-    import mlflow
+    return str(mlflow.register_model(model_uri, reg.name, tags=tags).version)
 
-    version = mlflow.register_model(model_uri, reg.name, tags=tags).version
-    decision.update(registered=True, version=str(version))
+
+def _crown(client, reg: DictConfig, version: str, score: float, decision: dict[str, Any]) -> None:
+    """Move the champion alias to `version` when it beats the current champion."""
+    from mlflow.exceptions import MlflowException
+
     champion = _champion_score(client, reg)
     if champion is None or score > champion:
         try:
@@ -94,7 +113,6 @@ def register_if_better(
     else:
         decision["champion"] = False
         decision["reason"] += f"; the current {reg.alias} scores {champion:.4f}, alias unchanged"
-    return _record(client, run_id, decision)
 
 
 def _holdout_gate(

@@ -3,17 +3,23 @@ baseline's CV on the same folds, and the paired fold-by-fold comparison of the t
 
 A CV sweep (sweep=cv, or data.fold=0,...,k-1 with data.folds=k) is one parent run with one
 child per fold; every run carries the config's CV key (`context.cv_key`), so the final fit of
-a config (final_fit=true) finds the estimate made for it.
+a config (final_fit=true) finds the estimate made for it, and the epochs to train
+(`final_fit_plan`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 from omegaconf import DictConfig
 
 from equip.track import schema
+
+if TYPE_CHECKING:
+    from equip.data.images import ImageSet
 
 
 @dataclass(frozen=True)
@@ -108,13 +114,33 @@ def final_fit_epochs(cv: CvResult | None, cfg: DictConfig) -> int:
     return max(1, round(sum(cv.best_epochs.values()) / len(cv.best_epochs)) + 1)
 
 
-def final_fit_plan(cfg: DictConfig, experiment_id: str, key: str) -> tuple[CvResult | None, int]:
-    """(the config's CV sweep or None, epochs to train): the epochs the folds selected."""
+@dataclass(frozen=True)
+class FinalFitPlan:
+    """What a final fit (final_fit=true) trains: every image, for the epochs its CV sweep's
+    folds selected; its score is that sweep's estimate (none without a complete sweep)."""
+
+    cv: CvResult | None
+    epochs: int
+    metric: str
+
+    def tags(self) -> dict[str, str]:
+        parent = {schema.CV_PARENT: self.cv.parent_id} if self.cv is not None else {}
+        return {**parent, schema.FINAL_FIT: "true"}
+
+    def metrics(self) -> dict[str, float]:
+        if self.cv is None:
+            return {}
+        return {f"cv_mean_{self.metric}": self.cv.mean, "cv_folds": float(self.cv.folds)}
+
+
+def final_fit_plan(cfg: DictConfig, experiment_id: str, key: str) -> FinalFitPlan:
+    """The plan of the final fit of the config with CV key `key`."""
     import logging
 
     from mlflow import MlflowClient
 
-    cv = config_cv(MlflowClient(), experiment_id, key, cfg.registry.metric)
+    metric = str(cfg.registry.metric)
+    cv = config_cv(MlflowClient(), experiment_id, key, metric)
     if cv is None:
         logging.getLogger(__name__).warning(
             "final fit: no complete CV sweep of this config on this data (run `python train.py "
@@ -122,4 +148,13 @@ def final_fit_plan(cfg: DictConfig, experiment_id: str, key: str) -> tuple[CvRes
             "score",
             cfg.trainer.max_epochs,
         )
-    return cv, final_fit_epochs(cv, cfg)
+    return FinalFitPlan(cv, final_fit_epochs(cv, cfg), metric)
+
+
+def training_split(cfg: DictConfig, images: ImageSet) -> np.ndarray:
+    """Which images train: all of them in a final fit; else the hold-out split or its fold."""
+    if cfg.final_fit:
+        return np.full(len(images.labels), "train")
+    from equip.data.split import split_for
+
+    return split_for(images, cfg.data)

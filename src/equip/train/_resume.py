@@ -3,25 +3,49 @@
 Every CNN run keeps `last.ckpt` (weights, optimizer, scheduler, early stopping, epoch) in its own
 folder under data.cache_dir until it FINISHES. Resuming reopens the same MLflow run and hands
 that file to `trainer.fit(ckpt_path=...)`; the metric history goes on at the next epoch. A
-resumed sweep does the same for a child it finds KILLED or FAILED with a checkpoint.
+resumed sweep (multirun.resume) does the same for a child it finds KILLED or FAILED with a
+checkpoint, and trains nothing for a config whose child already FINISHED.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from equip.errors import EquipError
+from equip.sweep.context import JobContext, finished_twin
 from equip.track import schema
+from equip.train._checkpoints import LAST, checkpoint_dir
 
-LAST = "last.ckpt"
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 UNFINISHED = ("RUNNING", "KILLED", "FAILED")
 
 
-def checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
-    """Where a run's best.ckpt and last.ckpt live while it trains."""
-    return Path(cfg.data.cache_dir).expanduser().resolve() / "runs" / run_id
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a job does with runs of its config that came before it."""
+
+    run_id: str | None = None  # reopen this run and continue from its last.ckpt
+    finished_twin: Run | None = None  # a resumed sweep's FINISHED run of this config: train nothing
+
+
+def plan_resume(cfg: DictConfig, job: JobContext, experiment_id: str, cfg_hash: str) -> ResumePlan:
+    """`resume=` names the run to continue. A resumed sweep reuses this config's FINISHED
+    child, or continues its cut-off one from the last checkpoint (CNN runs with a cache)."""
+    resume_id = find_run(cfg, experiment_id, cfg_hash) if cfg.resume else None
+    if resume_id is not None or not (job.in_sweep and job.resume):
+        return ResumePlan(resume_id)
+    parent = job.parent_run_id or ""
+    twin = finished_twin(experiment_id, parent, cfg_hash)
+    if twin is not None:
+        return ResumePlan(finished_twin=twin)
+    if cfg.model.name != "baseline" and cfg.data.cache_dir:
+        return ResumePlan(unfinished_twin(cfg, experiment_id, parent, cfg_hash))
+    return ResumePlan()
 
 
 def find_run(cfg: DictConfig, experiment_id: str, cfg_hash: str) -> str:
