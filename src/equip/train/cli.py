@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 
 from equip.errors import EquipError
 from equip.track.redaction import strip_secrets
@@ -59,7 +60,8 @@ def upgrade_argv(argv: list[str]) -> list[str]:
 
 
 def fail(message: str, code: int) -> None:
-    console.print(f"[bold red]equip: error:[/] {strip_secrets(message)}", highlight=False)
+    # escape: a value such as [hog,pixels] is text, not Rich markup
+    console.print(f"[bold red]equip: error:[/] {escape(strip_secrets(message))}", highlight=False)
     raise SystemExit(code)
 
 
@@ -70,9 +72,12 @@ def one_line_errors() -> Iterator[None]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from equip.config.explain import config_errors
+
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        yield
+        with config_errors():  # a wrong type, choice or key: the schema's error in one line
+            yield
     except EquipError as e:
         fail(str(e), 2)
     except (HydraException, OmegaConfBaseException) as e:
