@@ -16,13 +16,17 @@ from typing import Any
 from omegaconf import DictConfig
 
 from equip.config.explain import check_known_keys, check_required, choice_error
-from equip.config.resources import check_decoded_size, check_hardware, processes_per_node
-from equip.config.schema import PRECISIONS
+
+# The machine's checks (config.resources), re-exported: importable from here as before.
+from equip.config.resources import check_decoded_size as check_decoded_size
+from equip.config.resources import check_hardware as check_hardware
+from equip.config.resources import processes_per_node as processes_per_node
 from equip.errors import EquipError
 
-# Machine checks live in config.resources; importable from here as before.
-__all__ = ["check_config", "check_decoded_size", "check_hardware", "processes_per_node"]
 MAX_IMAGE_SIZE = 1024
+# Lightning's names: no identifiers ('32-true'), and 32 may come as an int, so no Enum.
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+PRECISIONS += ("64-true", "64")
 
 
 def check_config(cfg: DictConfig) -> None:

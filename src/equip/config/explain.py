@@ -93,16 +93,24 @@ def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
     for key in cfg:
         if not prefix and key == "hydra":  # Hydra's own node, present in callbacks' config
             continue
+        if OmegaConf.is_missing(cfg, key):  # check_required names it
+            continue
         if known is not None and key not in known:
             raise EquipError(unknown_key(f"{prefix}{key}", known, cfg[key]))
-        child = cfg._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            check_known_keys(child, f"{prefix}{key}.")
+        if isinstance(cfg[key], DictConfig):
+            check_known_keys(cfg[key], f"{prefix}{key}.")
 
 
 def check_required(cfg: DictConfig) -> None:
     """A ??? value still unset (data.root of data=folder)."""
-    missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")]
+    missing: list[str] = []
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node: its unset keys are Hydra's business
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(str(key))
+        elif isinstance(cfg[key], DictConfig):
+            missing += sorted(OmegaConf.missing_keys(cfg[key]))
     if "data.root" in missing:
         raise EquipError(
             "data=folder needs data.root=PATH: a folder with one sub-folder of images per class."

@@ -121,13 +121,6 @@ CHOICES: tuple[type[StrEnum], ...] = (
     *(Monitor, Keep, Accelerator, Strategy, Gate, RegistryMetric, TrackingKind),
 )
 
-# Lightning's precision names ('32-true') are no identifiers and `32` may come as an int, so
-# trainer.precision is a str checked against this list (config.checks).
-PRECISIONS = (
-    *("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"),
-    "64",
-)
-
 
 # ---------------------------------------------------------------- groups
 # Values live in conf/; MISSING here means "the YAML file sets it".
@@ -215,7 +208,7 @@ class TrainerConfig:
     devices: Any = MISSING  # an int or "auto"
     num_nodes: int = MISSING
     strategy: Strategy = MISSING
-    precision: str = MISSING  # one of PRECISIONS
+    precision: str = MISSING  # not an Enum: '32-true' is no identifier; checks.PRECISIONS
     accumulate_grad_batches: int = MISSING
     gradient_clip_val: float | None = MISSING
 
