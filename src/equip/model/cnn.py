@@ -18,12 +18,25 @@ from torch import nn
 
 from equip.config import checks
 from equip.config.checks import kernel_sizes
+from equip.config.schema import CHOICES, Activation, Optimizer, Pool
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
-POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None}
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-assert set(ACTIVATIONS) == set(checks.ACTIVATIONS) and set(POOLS) == set(checks.POOLS)
-assert set(OPTIMIZERS) == set(checks.OPTIMIZERS)
+# The config's choices (Enums of equip.config.schema) -> torch; str keys match them too.
+ACTIVATIONS = {
+    Activation.relu: nn.ReLU,
+    Activation.gelu: nn.GELU,
+    Activation.silu: nn.SiLU,
+    Activation.leaky_relu: nn.LeakyReLU,
+}
+POOLS = {Pool.max: nn.MaxPool2d, Pool.avg: nn.AvgPool2d, Pool.none: None}
+OPTIMIZERS = {
+    Optimizer.adam: torch.optim.Adam,
+    Optimizer.adamw: torch.optim.AdamW,
+    Optimizer.sgd: torch.optim.SGD,
+}
+assert set(ACTIVATIONS) == set(Activation) and set(POOLS) == set(Pool)  # a new choice is mapped
+assert set(OPTIMIZERS) == set(Optimizer)
+# hparams from OmegaConf.to_container(cfg.model) hold the Enum members: let checkpoints load them.
+torch.serialization.add_safe_globals(list(CHOICES))
 
 
 def _convs(c_in: int, c_out: int, k: int, n: int, batch_norm: bool, act, last_act: bool):

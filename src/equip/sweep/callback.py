@@ -84,13 +84,14 @@ def invalid_points(config: DictConfig) -> list[tuple[list[str], str]]:
     from hydra import compose
 
     from equip.config.checks import check_config
+    from equip.config.explain import config_error
 
     bad = []
     for point in sweep_points(config):
         try:
             check_config(compose(config.hydra.job.config_name, overrides=point))
         except Exception as e:  # composition errors (bad key, bad value type) count too
-            bad.append((point, str(e).splitlines()[0]))
+            bad.append((point, str(config_error(e) or e).splitlines()[0]))
     return bad
 
 

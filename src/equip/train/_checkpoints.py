@@ -33,7 +33,7 @@ def model_checkpoint(cfg: DictConfig, dirpath: Path) -> ModelCheckpoint:
         filename="best",
         save_top_k=1,
         save_last=True,
-        monitor=None if cfg.final_fit else t.monitor,
+        monitor=None if cfg.final_fit else str(t.monitor),  # a plain str in the checkpoint
         mode=schema.monitor_mode(t.monitor),
     )
 

@@ -47,7 +47,8 @@ def build_trainer(
     # Seed before the weights exist: a job's result must not depend on the jobs before it.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # Lightning saves these hyper-parameters inside every checkpoint: never a secret among them.
-    model_cfg = redact_tree(OmegaConf.to_container(cfg.model, resolve=True))
+    # enum_to_str: the schema's choices go in as plain str (torch.load refuses other classes).
+    model_cfg = redact_tree(OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
     module = Classifier(model_cfg, images.classes, cfg.data.image_size)
     t = cfg.trainer
     epochs = EpochMetrics(run_id, history)

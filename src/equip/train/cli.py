@@ -25,9 +25,12 @@ def one_line_errors() -> Iterator[None]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from equip.config.explain import config_errors
+
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        yield
+        with config_errors():  # a wrong type, choice or key: the schema's error in one line
+            yield
     except EquipError as e:
         fail(str(e), 2)
     except (HydraException, OmegaConfBaseException) as e:
