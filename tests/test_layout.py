@@ -37,3 +37,21 @@ def test_ruff_format_owns_the_layout():
         if "fmt: " + "skip" in line or "fmt: " + "off" in line
     ]
     assert marked == []
+
+
+def test_modules_and_functions_stay_short():
+    """Each file obvious: no module in src/ over 300 lines, no function over 50."""
+    import ast
+
+    too_long = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        if len(text.splitlines()) > 300:
+            too_long.append(f"{where}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 50:
+                    too_long.append(f"{where}:{node.lineno} {node.name}(): {length} lines")
+    assert too_long == []
