@@ -1,5 +1,7 @@
 """Configuration: what a run's composed Hydra config may hold, checked before anything trains.
 
-Range and cross-key checks live here (`checks`), so a bad value stops a single run or a whole
-sweep with one line that names the key and the fix.
+`schema` types every config group (dataclasses and Enums in Hydra's ConfigStore, so Hydra
+rejects a wrong type or choice while composing); `checks` holds the range and cross-key checks
+and refuses unknown keys; `explain` turns a schema error into equip's one line; `resources`
+checks what the machine must provide (disk for the decoded images, the hardware asked for).
 """
