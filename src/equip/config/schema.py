@@ -1,7 +1,7 @@
 """Typed schema of every config group: Hydra's "structured config as schema" pattern.
 
-conf/*.yaml keep the values and their comments; each lists its `<name>_schema` first in its
-defaults list, so Hydra checks every key's type and choice when it composes (a YAML file or a
+conf/*.yaml keep the values and their comments; each lists its `/schema/<group>/<name>` first
+in its defaults list, so Hydra checks every key's type and choice when it composes (a YAML file or a
 command-line override with a wrong type or an unknown choice fails there, naming the key).
 `register()` puts the schemas into Hydra's ConfigStore; train.py and the tests call it before
 composing. The choices are Enums, the one list of names: equip.model.cnn maps them to torch.
@@ -276,18 +276,19 @@ class TrainConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-# (group, name, node): conf/<group>/*.yaml name their schema first in their defaults list.
+# (group, name, node): conf/<group>/*.yaml name `/schema/<group>/<name>@_here_` first in their
+# defaults list. Under schema/, so `python train.py --help` keeps them apart from the options.
 SCHEMAS: tuple[tuple[str | None, str, type], ...] = (
     (None, "train_schema", TrainConfig),
-    ("data", "data_schema", DataConfig),
-    ("data", "synthetic_schema", SyntheticDataConfig),
-    ("data", "folder_schema", FolderDataConfig),
-    ("model", "cnn_schema", CNNConfig),
-    ("model", "baseline_schema", BaselineConfig),
-    ("trainer", "trainer_schema", TrainerConfig),
-    ("tracking", "local_schema", TrackingConfig),
-    ("tracking", "azureml_schema", AzureTrackingConfig),
-    ("registry", "registry_schema", RegistryConfig),
+    ("schema/data", "common", DataConfig),
+    ("schema/data", "synthetic", SyntheticDataConfig),
+    ("schema/data", "folder", FolderDataConfig),
+    ("schema/model", "cnn", CNNConfig),
+    ("schema/model", "baseline", BaselineConfig),
+    ("schema/trainer", "default", TrainerConfig),
+    ("schema/tracking", "local", TrackingConfig),
+    ("schema/tracking", "azureml", AzureTrackingConfig),
+    ("schema/registry", "default", RegistryConfig),
 )
 
 
