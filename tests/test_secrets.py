@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
-from equip.track.hydra_output import redact_yaml_file
+from equip.track.hydra_output import RedactHydraFiles, redact_yaml_file
 from equip.track.redaction import SecretFilter, redact_text, strip_secrets
 from tests.conftest import parent_and_children, run_cli, sweep
 
@@ -99,10 +100,18 @@ def test_a_saved_config_is_rewritten_with_its_secrets_redacted(tmp_path: Path):
         f"  job:\n    env_set:\n      API_TOKEN: {TOKEN}\n    override_dirname: x.token={TOKEN}\n"
         "model:\n  lr: 0.1\n  filters: [8, 16]\n"
     )
+    path.chmod(0o644)
     redact_yaml_file(path)
     text = path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o644
     assert not any(s in text for s in SECRETS), text
     assert "+model.api_key=***" in text and "http://***@h" in text and "filters:\n  - 8" in text
+
+
+def test_a_saved_config_that_cannot_be_redacted_is_removed(tmp_path: Path):
+    (tmp_path / "multirun.yaml").write_text(f"token: [{TOKEN}\n")  # not YAML
+    RedactHydraFiles().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": tmp_path}}}))
+    assert not (tmp_path / "multirun.yaml").exists()
 
 
 # ---------------------------------------------------------------- real runs and sweeps

@@ -54,15 +54,18 @@ def redact_yaml_file(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(redacted)
+    os.chmod(tmp, path.stat().st_mode)  # Hydra's file mode, not mkstemp's 0600
     os.replace(tmp, path)
 
 
 def _redact_files(folder: Path, names: tuple[str, ...]) -> None:
     for name in names:
+        path = folder / name
         try:
-            redact_yaml_file(folder / name)
-        except Exception as e:  # a record file must never fail the job; say so instead
-            log.warning("could not redact secrets in %s: %s", folder / name, type(e).__name__)
+            redact_yaml_file(path)
+        except Exception as e:  # the job goes on, but without a record that may hold secrets
+            path.unlink(missing_ok=True)
+            log.warning("removed %s: could not redact it (%s)", path, type(e).__name__)
 
 
 class RedactHydraFiles(Callback):
