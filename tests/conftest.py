@@ -2,17 +2,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 GEAR = ROOT.parent / "shared" / "data" / "gear_images"
 # Tiny and fast: 32 px images, 8 per class, 2 epochs.
 TINY = [
@@ -50,17 +57,64 @@ def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before it is used (see MlflowServer)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port with its store in `folder` (reused when the
-    same folder is given again: a restarted server). Returns once it answers."""
-    proc = launch_mlflow_server(port, folder)
-    wait_for_server(proc, port, folder)
-    return proc
+_HELD_PORTS: list[socket.socket] = []  # bound for the whole session, never listened on
+
+
+def port_nobody_listens_on() -> int:
+    """A port that refuses connections for the whole test session: it stays bound (and never
+    listens) in this process, so no server started later can take it."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(held)
+    return held.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with its store in `folder` (reused when the same
+    folder is given again: a restarted server). It starts at once; `wait()` returns once it
+    answers. A port picked here can be taken by someone else before the server binds it: then
+    the server starts again on another port. A port given by the caller (a restart on the same
+    address) is kept, and a taken one fails the test with the server's log."""
+
+    ATTEMPTS = 5
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder, self.fixed_port = folder, port is not None
+        self.port = port if port is not None else free_port()
+        self.proc = launch_mlflow_server(self.port, folder)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait(self, timeout_s: float = 90) -> str:
+        """The server's URI, once it answers on a port it holds itself."""
+        for _ in range(self.ATTEMPTS):
+            if wait_for_server(self.proc, self.port, self.folder, timeout_s):
+                return self.uri
+            stop_process(self.proc)
+            if self.fixed_port:
+                break
+            self.port = free_port()
+            self.proc = launch_mlflow_server(self.port, self.folder)
+        log = (self.folder / "server.log").read_text()[-3000:]
+        raise RuntimeError(f"no mlflow server could hold port {self.port}:\n{log}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def start_mlflow_server(folder: Path, port: int | None = None) -> MlflowServer:
+    """A started `MlflowServer` that answers (see there)."""
+    server = MlflowServer(folder, port)
+    server.wait()
+    return server
 
 
 def launch_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
@@ -90,27 +144,42 @@ def launch_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_server(proc: subprocess.Popen, port: int, folder: Path, timeout_s: float = 90) -> None:
-    """Return once the server answers; stop it and raise with its log if it never does."""
-    import time
-    import urllib.request
-
+def wait_for_server(proc: subprocess.Popen, port: int, folder: Path, timeout_s: float) -> bool:
+    """True once the server answers on `port` and the listening socket is its own; False if it
+    could not hold the port (it exited, or another process answers there). Raises with its log
+    if it neither answers nor exits in time."""
     deadline = time.time() + timeout_s
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-            return
+            return listener_is_in_tree(port, proc.pid)
         except OSError:
-            if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is not None:
+                return False
+            if time.time() > deadline:
                 stop_process(proc)
-                raise RuntimeError((folder / "server.log").read_text()[-3000:]) from None
+                log = (folder / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"mlflow server on {port} did not answer:\n{log}") from None
             time.sleep(0.3)
+
+
+def listener_is_in_tree(port: int, root_pid: int) -> bool:
+    """Whether the socket listening on 127.0.0.1:port belongs to root_pid or its children."""
+    try:
+        root = psutil.Process(root_pid)
+        tree = {root_pid, *(p.pid for p in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return False
+    listeners = {
+        c.pid
+        for c in psutil.net_connections("tcp4")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    return bool(listeners) and listeners <= tree
 
 
 def stop_process(proc: subprocess.Popen) -> None:
     """Kill a process started with start_new_session=True and everything it started."""
-    import signal
-
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -119,10 +188,41 @@ def stop_process(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A real `mlflow server` on 127.0.0.1 with its own temp store; yields its URI."""
-    port = free_port()
-    proc = start_mlflow_server(port, tmp_path / "server")
-    yield f"http://127.0.0.1:{port}"
-    stop_process(proc)
+    server = start_mlflow_server(tmp_path / "server")
+    yield server.uri
+    server.stop()
+
+
+def freeze_when(
+    proc: subprocess.Popen, wanted: Callable[[], T | None], what: str, timeout_s: float = 300
+) -> T:
+    """Stop `proc` (SIGSTOP) and look for the wanted state while it cannot move on; return what
+    `wanted()` found, with `proc` still stopped, so that the test acts on exactly that state.
+    Otherwise `proc` continues for a moment and is looked at again. Fails the test (and kills
+    `proc`) if it ends, or if the state is not seen within timeout_s. `wanted()` may raise (a
+    store being created, or locked by the stopped writer): that is "not yet"."""
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"ended (exit {proc.returncode}) before {what}: {_tail(proc)}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {what} within {timeout_s:.0f} s: {_tail(proc)}")
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            found = wanted()
+        except Exception:
+            found = None
+        if found is not None and found is not False:
+            return found
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    proc.wait(timeout=60)
+    err = proc.stderr.read() if proc.stderr else ""
+    return err[-3000:]
 
 
 # ---------------------------------------------------------------- shared helpers

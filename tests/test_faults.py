@@ -3,11 +3,13 @@ and a real `mlflow server` that the test kills and restarts. Nothing is mocked."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,15 +21,18 @@ from tests.conftest import (
     FAST,
     ROOT,
     TINY,
-    free_port,
+    freeze_when,
     make_cfg,
     parent_and_children,
+    port_nobody_listens_on,
     start_mlflow_server,
-    stop_process,
     sweep,
 )
 
-PORT_NOBODY_LISTENS_ON = free_port()
+PORT_NOBODY_LISTENS_ON = port_nobody_listens_on()
+# More epochs than any test waits for, and no early stopping (trainer.patience=0): such a run is
+# still training whenever the test acts on it.
+ENDLESS = ["trainer.max_epochs=100000", "trainer.patience=0"]
 
 # (overrides, text the one line must contain). Every case must exit 2 with one line naming the
 # key, before any run exists.
@@ -132,32 +137,40 @@ def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
         assert not list(cwd.glob("*.db")), (args, "a store was created")
 
 
-def start_training(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+@contextlib.contextmanager
+def endless_training(cwd: Path) -> Iterator[subprocess.Popen]:
+    """`python train.py` that trains until it is stopped; killed when the test ends."""
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "train.py"),
             *TINY,
             "data.per_class=24",
-            "trainer.patience=0",
             "tracking.log_model=false",
-            *args,
+            *ENDLESS,
         ],
         cwd=cwd,
-        env={**base, **(env or {})},
-        stdout=subprocess.PIPE,
+        env=base,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
-def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, db: Path | None = None):
-    """The RUNNING run, once it has logged its first epoch."""
+def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, db: Path):
+    """The RUNNING run, at the first sighting of its first logged epoch."""
     deadline = time.time() + 240
     while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        if db is None or db.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended before its first epoch: {proc.stderr.read()}")
+        if db.exists():
             try:
                 runs = client.search_runs(["1"], "attributes.status = 'RUNNING'")
             except Exception:  # the store is still being created
@@ -166,15 +179,15 @@ def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, db: Path | None
             if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
                 return runs[0]
         time.sleep(0.3)
-    raise AssertionError("no epoch was logged in time")
+    raise AssertionError("train.py logged no epoch within 240 s")
 
 
 def test_a_run_killed_with_sigkill_is_marked_killed_by_the_next_command(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    proc = start_training(tmp_path, "trainer.max_epochs=50")
-    run = wait_for_epoch(client, proc, tmp_path / "mlflow.db")
-    proc.kill()
-    proc.wait()
+    with endless_training(tmp_path) as proc:
+        run = wait_for_epoch(client, proc, tmp_path / "mlflow.db")
+        proc.kill()
+        proc.wait()
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody could say otherwise
     nxt = run_train([*FAST, "trainer.max_epochs=1"], tmp_path)
     assert nxt.returncode == 0, nxt.stderr[-3000:]
@@ -185,10 +198,10 @@ def test_a_run_killed_with_sigkill_is_marked_killed_by_the_next_command(tmp_path
 
 def test_ctrl_c_ends_the_run_killed_with_one_line_and_exit_130(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    proc = start_training(tmp_path, "trainer.max_epochs=50")
-    run = wait_for_epoch(client, proc, tmp_path / "mlflow.db")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with endless_training(tmp_path) as proc:
+        run = wait_for_epoch(client, proc, tmp_path / "mlflow.db")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "stopped by you" in err and "Traceback" not in err
     ended = client.get_run(run.info.run_id)
@@ -199,36 +212,35 @@ def test_ctrl_c_ends_the_run_killed_with_one_line_and_exit_130(tmp_path: Path):
 def test_a_tracking_server_that_dies_mid_sweep_stops_it_and_the_rerun_completes_it(
     tmp_path: Path,
 ):
-    port = free_port()
-    server = start_mlflow_server(port, tmp_path / "server")
-    uri = f"http://127.0.0.1:{port}"
-    client = MlflowClient(uri)
+    server = start_mlflow_server(tmp_path / "server")
+    client = MlflowClient(server.uri)
     args = (
         "model.filters=[4],[8],[4,8]",
         "trainer.max_epochs=4",
         "data.per_class=24",
         "tracking.outage_s=3",
     )
-    proc = sweep(*args, cwd=tmp_path, env_uri=uri, wait=False)
-    deadline = time.time() + 300
-    finished = []
-    while not finished:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.3)
-        try:
-            finished = client.search_runs(
-                ["1"], "attributes.status = 'FINISHED' and tags.mlflow.parentRunId != ''"
-            )
-        except Exception:
-            finished = []
-    stop_process(server)  # the store goes away in the middle of the second job
+    proc = sweep(*args, cwd=tmp_path, env_uri=server.uri, wait=False)
+
+    def first_job_done_and_more_to_log() -> list | None:
+        """With the sweep stopped, at most one of its requests is still in flight. With only one
+        job FINISHED, or a job not yet created, a job still needs the server after that one."""
+        children = client.search_runs(["1"], "tags.mlflow.parentRunId != ''")
+        finished = [c for c in children if c.info.status == "FINISHED"]
+        if len(finished) == 1 or (finished and len(children) < 3):
+            return finished
+        return None
+
+    finished = freeze_when(proc, first_job_done_and_more_to_log, "first finished job")
+    server.stop()  # the store goes away while the sweep has jobs left
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
     assert "The sweep stops here" in err and "Traceback" not in err
 
-    server = start_mlflow_server(port, tmp_path / "server")  # the same store comes back
+    server = start_mlflow_server(tmp_path / "server", server.port)  # the same store comes back
     try:
-        rerun = sweep(*args, cwd=tmp_path, env_uri=uri)
+        rerun = sweep(*args, cwd=tmp_path, env_uri=server.uri)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         parent, children = parent_and_children(client)
         done = [c for c in children if c.info.status == "FINISHED"]
@@ -237,7 +249,7 @@ def test_a_tracking_server_that_dies_mid_sweep_stops_it_and_the_rerun_completes_
         assert all(c.info.status != "RUNNING" for c in children)
         assert parent.info.status == "FINISHED"
     finally:
-        stop_process(server)
+        server.stop()
 
 
 # Under notes.*, the one free-form place: the schema refuses unknown keys anywhere else, so a
@@ -252,22 +264,18 @@ SECRETS = {
 
 
 def test_no_secret_reaches_the_store_the_artifacts_or_the_checkpoint(tmp_path: Path):
-    port = free_port()
-    server = start_mlflow_server(port, tmp_path / "server")
+    server = start_mlflow_server(tmp_path / "server")
     try:
         overrides = [f"{k}='{v}'" for k, v in SECRETS.items()]
         cfg = make_cfg(
             *overrides,
             "trainer.max_epochs=1",
-            f"tracking.uri=http://equip:PassWORD5secret@127.0.0.1:{port}",
+            f"tracking.uri=http://equip:PassWORD5secret@127.0.0.1:{server.port}",
         )
         result = train(cfg, overrides)
-        assert (
-            MlflowClient(f"http://127.0.0.1:{port}").get_run(result["run_id"]).info.status
-            == "FINISHED"
-        )
+        assert MlflowClient(server.uri).get_run(result["run_id"]).info.status == "FINISHED"
     finally:
-        stop_process(server)
+        server.stop()
     files = [p for p in (tmp_path / "server").rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in files) and any(p.suffix == ".db" for p in files)
     leaked = {
@@ -292,23 +300,33 @@ def test_killing_a_joblib_sweep_stops_its_workers(tmp_path: Path):
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "model.filters=[4],[8]",
-        "trainer.max_epochs=200",
+        *ENDLESS,  # both jobs are still training when the sweep is killed
         "data.per_class=24",
     )
     proc = sweep(*args, cwd=tmp_path, wait=False)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    deadline = time.time() + 240
-    while len(running_children(client)) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.5)
-    workers = {int(r.data.tags["equip.pid"]) for r in running_children(client)}
-    assert proc.pid not in workers
-    proc.kill()
-    proc.wait()
-    deadline = time.time() + 30
-    while any(alive(p) for p in workers) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not any(alive(p) for p in workers), "sweep workers kept training"
+    workers: set[int] = set()
+    try:
+        deadline = time.time() + 240
+        while len(running_children(client)) < 2:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"no 2 jobs running within 240 s: {proc.stderr.read()}")
+            time.sleep(0.5)
+        workers = {int(r.data.tags["equip.pid"]) for r in running_children(client)}
+        assert proc.pid not in workers
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30
+        while any(alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(alive(p) for p in workers), "sweep workers kept training"
+    finally:  # endless jobs: nothing of the sweep may outlive the test
+        proc.kill()
+        for pid in filter(alive, workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def running_children(client: MlflowClient) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,14 +25,12 @@ from equip.launchers.ray import _cluster as ray_cluster  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ROOT,
     TINY,
-    free_port,
-    launch_mlflow_server,
-    stop_process,
-    wait_for_server,
+    MlflowServer,
 )
 
 FAST = [*TINY, "tracking.log_model=false"]
 MB = 2**20
+EPOCHS = 20  # of each job in the lost-node sweep
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +68,15 @@ def cluster():
 def server_process(tmp_path_factory):
     """A real `mlflow server` for the module (each test logs to its own experiment), started
     first so that it boots while the Ray cluster starts."""
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = launch_mlflow_server(port, folder)
-    yield proc, port, folder
-    stop_process(proc)
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def server(server_process, cluster):
     """The server's URI, once it answers."""
-    proc, port, folder = server_process
-    wait_for_server(proc, port, folder, timeout_s=60)
-    return f"http://127.0.0.1:{port}"
+    return server_process.wait(timeout_s=60)
 
 
 @pytest.fixture
@@ -146,7 +141,7 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
     # 3 jobs on 2 one-CPU nodes: one on each node, one queued until a node is free.
     args = (
         "model.filters=[4],[8],[4,8]",
-        "trainer.max_epochs=20",
+        f"trainer.max_epochs={EPOCHS}",
         "trainer.patience=0",
         f"hydra.launcher.ray.init.address={cluster.address}",
         f"tracking.uri={server}",
@@ -154,21 +149,19 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
     )
     client = MlflowClient(server)
     proc = ray_sweep(*args, cwd=tmp_path, wait=False)
-    deadline = time.time() + 120
-    on_worker = []
-    while not on_worker:  # a job is training on the worker node: that node goes down now
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-        with contextlib.suppress(Exception):  # the experiment does not exist yet
-            on_worker = client.search_runs(
-                [client.get_experiment_by_name("lost_node").experiment_id],
-                f"attributes.status = 'RUNNING' and tags.`equip.ray_node_id` = '{worker.node_id}'",
-            )
-    cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: the machine is gone
+    try:
+        lost_id = stop_a_job_on(client, worker.node_id, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: the machine is gone ...
+    pid = int(client.get_run(lost_id).data.tags["equip.pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # ... and all that ran on it, the stopped job too
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     parent, children = parent_and_children(client, "lost_node")
-    lost = client.get_run(on_worker[0].info.run_id)
+    lost = client.get_run(lost_id)
     # Ended by the launcher (FAILED: lost with its node) or, on this one-host cluster, first by
     # the next job's check for runs whose process is gone (KILLED): never left RUNNING.
     assert (lost.info.status, lost.data.tags["equip.error"].split(";")[0]) in {
@@ -201,6 +194,41 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
     else:  # trained again from scratch, on a node still alive
         assert redone.data.tags["equip.ray_node_id"] != worker.node_id
     assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_skipped"] == 2
+
+
+def stop_a_job_on(client: MlflowClient, node_id: str, sweep: subprocess.Popen) -> str:
+    """The id of a job's run training on the node, stopped (SIGSTOP) at its first sighting with
+    2 or more of its EPOCHS left. Stopped, it sends at most the one request already in flight,
+    so it cannot finish before the node goes. Fails the test after 120 s."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if sweep.poll() is not None:
+            raise AssertionError(f"the sweep ended before a job ran there: {sweep.stderr.read()}")
+        with contextlib.suppress(Exception):  # the experiment does not exist yet
+            exp = client.get_experiment_by_name("lost_node").experiment_id
+            on_node = client.search_runs(
+                [exp], f"attributes.status = 'RUNNING' and tags.`equip.ray_node_id` = '{node_id}'"
+            )
+            for run in on_node:
+                if stopped_with_epochs_left(
+                    client, run.info.run_id, int(run.data.tags["equip.pid"])
+                ):
+                    return run.info.run_id
+        time.sleep(0.2)
+    raise AssertionError("no job was training on the worker node within 120 s")
+
+
+def stopped_with_epochs_left(client: MlflowClient, run_id: str, pid: int) -> bool:
+    """SIGSTOP the job; keep it stopped if it is RUNNING with 2 or more epochs to log."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        logged = len(client.get_metric_history(run_id, "val_acc"))
+        if client.get_run(run_id).info.status == "RUNNING" and logged <= EPOCHS - 2:
+            return True
+    except Exception:
+        pass
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path: Path):

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from equip.errors import EquipError
-from tests.conftest import ROOT, TINY, artifacts, make_cfg
+from tests.conftest import ROOT, TINY, artifacts, freeze_when, make_cfg
 
 FAST = ["tracking.log_model=false"]
 
@@ -342,24 +341,24 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    cut = None
-    while cut is None:  # kill the sweep once its first job has 2 of 6 epochs and a checkpoint
-        assert proc.poll() is None, "the sweep ended before it could be cut off"
-        time.sleep(0.1)
-        try:
-            running = client.search_runs(
-                ["1"], "attributes.status = 'RUNNING' and tags.mlflow.parentRunId != ''"
-            )
-        except Exception:  # tables still being created
-            continue
+
+    def job_cut_off_with_a_checkpoint() -> str | None:
+        """With the sweep stopped: a job RUNNING with 2 to 5 of its 6 epochs and a checkpoint."""
+        if not (tmp_path / "mlflow.db").exists():  # the sweep creates the store
+            return None
+        running = client.search_runs(
+            ["1"], "attributes.status = 'RUNNING' and tags.mlflow.parentRunId != ''"
+        )
         for r in running:
-            steps = client.get_metric_history(r.info.run_id, "val_acc")
-            if len(steps) >= 2 and (tmp_path / ".cache/equip/runs" / r.info.run_id).exists():
-                cut = r.info.run_id
-    proc.kill()
+            logged = len(client.get_metric_history(r.info.run_id, "val_acc"))
+            if 2 <= logged < 6 and (tmp_path / ".cache/equip/runs" / r.info.run_id).exists():
+                return r.info.run_id
+        return None
+
+    cut = freeze_when(proc, job_cut_off_with_a_checkpoint, "job with 2 epochs and a checkpoint")
+    proc.kill()  # stopped since the state above was read: it is the state the sweep dies in
     proc.wait()
-    if client.get_run(cut).info.status != "RUNNING":
-        pytest.skip("the job finished between the poll and the kill")
+    assert client.get_run(cut).info.status == "RUNNING"
     logged = len(client.get_metric_history(cut, "val_acc"))
 
     rerun = subprocess.run(

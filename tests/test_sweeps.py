@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import parent_and_children, sweep
+from tests.conftest import freeze_when, parent_and_children, sweep
 
 
 def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path):
@@ -73,23 +71,23 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(tmp_path: Path):
     args = ("model.filters=[4],[8],[4,8],[8,16]", "trainer.max_epochs=3")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     proc = sweep(*args, cwd=tmp_path, wait=False)
-    deadline = time.time() + 300
-    finished = []
-    while len(finished) < 2:
-        assert proc.poll() is None and time.time() < deadline, "sweep ended before 2 jobs"
-        time.sleep(0.2)
-        if (tmp_path / "mlflow.db").exists():
-            try:
-                finished = client.search_runs(
-                    ["1"], "attributes.status = 'FINISHED' and tags.mlflow.parentRunId != ''"
-                )
-            except Exception:  # tables still being created
-                finished = []
-    proc.send_signal(signal.SIGKILL)
+
+    def two_or_three_jobs_finished() -> set[str] | None:
+        """With the sweep stopped: the FINISHED jobs, once there are 2 of the 4 (or 3)."""
+        if not (tmp_path / "mlflow.db").exists():  # the sweep creates the store
+            return None
+        finished = client.search_runs(
+            ["1"], "attributes.status = 'FINISHED' and tags.mlflow.parentRunId != ''"
+        )
+        return {r.info.run_id for r in finished} if 2 <= len(finished) < 4 else None
+
+    seen = freeze_when(proc, two_or_three_jobs_finished, "2 finished jobs")
+    proc.kill()  # stopped since the store was read: it dies in the state seen
     proc.wait()
     done_before = {
         r.info.run_id for r in client.search_runs(["1"], "attributes.status = 'FINISHED'")
     }
+    assert done_before == seen
     assert 2 <= len(done_before) < 4
 
     rerun = sweep(*args, cwd=tmp_path)

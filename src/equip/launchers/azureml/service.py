@@ -54,6 +54,25 @@ class azure_errors:  # noqa: N801  # used as `with azure_errors(what):`
         return False
 
 
+# Failures of a status read that pass by themselves: the network, and the service's answers
+# "too many requests" and "try later" (HTTP 408, 429, 5xx).
+TRANSIENT_ERRORS = {
+    "ServiceRequestError",
+    "ServiceResponseError",
+    "ServiceRequestTimeoutError",
+    "ServiceResponseTimeoutError",
+    "ConnectionError",
+    "TimeoutError",
+}
+
+
+def _transient(e: Exception) -> bool:
+    if any(kind.__name__ in TRANSIENT_ERRORS for kind in type(e).__mro__):
+        return True
+    status = getattr(e, "status_code", None)
+    return isinstance(status, int) and (status in (408, 429) or status >= 500)
+
+
 def _not_found(e: Exception) -> bool:
     return type(e).__name__ == "ResourceNotFoundError"
 
@@ -132,14 +151,21 @@ class JobService:
         self.report(j, created.status or "Submitted")
 
     def poll(self, j: AzureJob) -> str:
-        """Read the job's status and report a change. A blip (network, throttling) is retried at
-        the next poll; only MAX_POLL_ERRORS failures in a row stop the launch."""
+        """Read the job's status and report a change. A blip (network, throttling, a busy
+        service) is retried at the next poll; only MAX_POLL_ERRORS in a row stop the launch.
+        Any other failure to read the status stops it at once: it will not pass by itself, and
+        a job that failed says so in its status ("Failed"), not by a failing read."""
         try:
             status = self.client.jobs.get(j.name).status
         except Exception as e:
+            why = f"{type(e).__name__} {(str(e).strip().splitlines() or [''])[0]}"
+            if not _transient(e):
+                raise EquipError(
+                    f"could not read the status of Azure ML job {j.name}: {why}. Not retried: "
+                    "not a network or service blip."
+                ) from e
             self.poll_errors += 1
             if self.poll_errors >= MAX_POLL_ERRORS:
-                why = f"{type(e).__name__} {(str(e).strip().splitlines() or [''])[0]}"
                 raise EquipError(
                     f"could not read the status of Azure ML job {j.name} "
                     f"{self.poll_errors} times in a row: {why}. Check the "
