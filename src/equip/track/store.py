@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from equip.errors import EquipError, StoreUnavailable
 from equip.track._azureml import azureml_uri, require_azure_extra
 from equip.track._azureml import workspace_of as workspace_of  # re-exported: launchers use it
+from equip.track._lock import OwnedLock as OwnedLock  # re-exported: a sweep holds one
+from equip.track._lock import exclusive
 from equip.track._processes import process_tags as process_tags  # re-exported: every run
 from equip.track._processes import reap_stale_runs
 from equip.track.redaction import strip_secrets
@@ -26,6 +28,7 @@ from equip.track.redaction import strip_secrets
 # The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
 # environment (it does, for child processes): later runs in this process must not mistake it.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+STORE_LOCK_WAIT_S = 300  # creating or migrating a store takes seconds; longer means a hang
 SCHEMES = (
     "sqlite",
     "http",
@@ -67,8 +70,47 @@ def connect(tracking: DictConfig) -> str:
     import mlflow
 
     uri = check_store(tracking)
+    open_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def open_store(uri: str) -> None:
+    """Open a local sqlite store once, under its lock: MLflow creates or migrates the schema on
+    a process's first touch with no lock of its own, so two commands starting together on a new
+    store collide (`duplicate column name`) and can leave it half-migrated for good. MLflow
+    caches the opened store for the process. Other stores: nothing to do."""
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    with exclusive(_store_lock_file(db), STORE_LOCK_WAIT_S, f"the store {db}"):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EquipError(
+                f"{_where(uri)}={uri}: MLflow cannot open {db} ({reason[:300]}). An old store: "
+                f"run `mlflow db upgrade {uri}`; one whose creation was cut off: move it aside."
+            ) from None
+
+
+def sweep_lock(uri: str, key: str) -> OwnedLock:
+    """The lock one sweep (`key`: its identity) holds while it runs against the store at `uri`:
+    beside a sqlite store (in .cache/equip/sweep-locks/ of its folder), else in the user's cache."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return OwnedLock(db.parent / ".cache" / "equip" / "sweep-locks" / f"{db.name}.{key}.lock")
+    import hashlib
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    store_id = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return OwnedLock(cache / "equip" / "sweep-locks" / f"{store_id}.{key}.lock")
+
+
+def _store_lock_file(db: Path) -> Path:
+    return db.with_name(db.name + ".lock")
 
 
 def check_store(tracking: DictConfig) -> str:
@@ -172,13 +214,18 @@ def _check_sqlite(uri: str) -> None:
                 f"{_where(uri)}={uri}: {db} is not a sqlite database; pick another file name."
             )
         return
-    try:  # creatable? (sqlite would only say 'unable to open database file', after retries)
-        db.touch()
-        db.unlink()
-    except OSError as e:
-        raise EquipError(
-            f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a writable folder."
-        ) from None
+    # Creatable? (sqlite would only say 'unable to open database file', after retries.) Under
+    # the store's lock: another command may be creating it right now, and must keep it.
+    with exclusive(_store_lock_file(db), STORE_LOCK_WAIT_S, f"the store {db}"):
+        if db.exists():
+            return
+        try:
+            db.touch()
+            db.unlink()
+        except OSError as e:
+            raise EquipError(
+                f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a writable folder."
+            ) from None
 
 
 def _check_folder(folder: Path, key: str) -> None:
