@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         from equip.track.store import default_uri, open_store
 
         uri = cfg.tracking_uri or default_uri()
-        open_store(uri)  # a new local store is created under its lock
+        open_store(uri, create=False)  # waits while another command creates it
         mlflow.set_tracking_uri(uri)
         root = Path(cfg.images)
         files = find_images(root)

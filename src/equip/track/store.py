@@ -1,6 +1,7 @@
 """Where runs go: the MLflow store, checked before any work, with bounded retries when it
 goes away, and runs of crashed processes (`_processes`) marked KILLED by the next command that
-opens it. An Azure ML workspace's URI is read by `_azureml`.
+opens it. An Azure ML workspace's URI is read by `_azureml`. A local sqlite store is created
+under a file lock beside it, and a sweep holds a lock of its own while it runs (`_lock`).
 
     sqlite:///mlflow.db (default), http(s)://HOST:PORT (an mlflow server), azureml://… (a
     workspace; tracking=azureml), or any other URI MLflow knows.
@@ -70,21 +71,24 @@ def connect(tracking: DictConfig) -> str:
     import mlflow
 
     uri = check_store(tracking)
-    open_store(uri)
+    open_store(uri, create=False)  # a new store is made by its first use (experiment_id)
     mlflow.set_tracking_uri(uri)
     return uri
 
 
-def open_store(uri: str) -> None:
+def open_store(uri: str, create: bool = True) -> None:
     """Open a local sqlite store once, under its lock: MLflow creates or migrates the schema on
     a process's first touch with no lock of its own, so two commands starting together on a new
     store collide (`duplicate column name`) and can leave it half-migrated for good. MLflow
-    caches the opened store for the process. Other stores: nothing to do."""
+    caches the opened store for the process. create=False: only a store that exists (one being
+    created meanwhile is waited for). Other stores: nothing to do."""
     if not uri.startswith("sqlite:///"):
         return
     from mlflow import MlflowClient
 
     db = Path(uri.removeprefix("sqlite:///"))
+    if not create and not db.exists():
+        return
     with exclusive(_store_lock_file(db), STORE_LOCK_WAIT_S, f"the store {db}"):
         try:
             MlflowClient(uri).search_experiments(max_results=1)
@@ -214,18 +218,15 @@ def _check_sqlite(uri: str) -> None:
                 f"{_where(uri)}={uri}: {db} is not a sqlite database; pick another file name."
             )
         return
-    # Creatable? (sqlite would only say 'unable to open database file', after retries.) Under
-    # the store's lock: another command may be creating it right now, and must keep it.
-    with exclusive(_store_lock_file(db), STORE_LOCK_WAIT_S, f"the store {db}"):
-        if db.exists():
-            return
-        try:
-            db.touch()
-            db.unlink()
-        except OSError as e:
-            raise EquipError(
-                f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a writable folder."
-            ) from None
+    # Creatable? (sqlite would only say 'unable to open database file', after retries.) Probed
+    # with the store's lock file, which is kept: a probe of the db itself could delete the
+    # store another command is creating at this moment.
+    try:
+        _store_lock_file(db).touch()
+    except OSError as e:
+        raise EquipError(
+            f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a writable folder."
+        ) from None
 
 
 def _check_folder(folder: Path, key: str) -> None:
@@ -247,9 +248,11 @@ def _check_folder(folder: Path, key: str) -> None:
 def experiment_id(tracking: DictConfig) -> str:
     """Get or create the experiment (local stores keep artifacts under `artifact_root`), and
     mark the runs of crashed processes in it KILLED."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    open_store(mlflow.get_tracking_uri())  # the first use of a new local store creates it
     name, artifact_root = tracking.experiment, tracking.get("artifact_root")
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
