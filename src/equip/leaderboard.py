@@ -47,6 +47,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    store.open_store(uri, create=False)  # waits while another command creates it
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     parent = args.parent

@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
         import mlflow
 
-        from equip.track.store import default_uri
+        from equip.track.store import default_uri, open_store
 
-        mlflow.set_tracking_uri(cfg.tracking_uri or default_uri())
+        uri = cfg.tracking_uri or default_uri()
+        open_store(uri, create=False)  # waits while another command creates it
+        mlflow.set_tracking_uri(uri)
         root = Path(cfg.images)
         files = find_images(root)
         predict = load_predictor(str(cfg.model))

@@ -155,22 +155,34 @@ class SweepTracker(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.started = 0.0
+        self.lock: store.OwnedLock | None = None  # this sweep's lock in the store, while it runs
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra only warns when a callback raises, then sweeps on with no parent run: any
+        failure here ends the sweep instead (a SystemExit passes through Hydra)."""
+        try:
+            self._start(config)
+        except EquipError as e:
+            self._end_if_aborted()
+            fail(str(e), 2)
+        except Exception as e:
+            self._end_if_aborted()
+            reason = (str(e).strip().splitlines() or [""])[0]
+            fail(f"the sweep could not start: {type(e).__name__}: {reason}", 1)
+
+    def _start(self, config: DictConfig) -> None:
         if str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
             refuse_invalid_points(config)
         if config.hydra.launcher.get("dry_run"):  # a launcher that only writes job files:
             context.export_sweep(context.DRY_RUN_PARENT, swept_keys(config))  # no store, no run
             return
-        try:
-            store.connect(config.tracking)
-        except EquipError as e:
-            fail(str(e), 2)
+        uri = store.connect(config.tracking)
+        key = sweep_key(config)
+        self._hold_sweep(uri, key, sweep_name(config, swept_keys(config)))
         from mlflow import MlflowClient
 
         exp_id = store.experiment_id(config.tracking)
         client = MlflowClient()
-        key = sweep_key(config)
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         self.started = time.time()
         previous = client.search_runs(
@@ -186,8 +198,26 @@ class SweepTracker(Callback):
         # continue_on_failure=false): end the parent anyway, with what its children have.
         atexit.register(self._end_if_aborted)
 
+    def _hold_sweep(self, uri: str, key: str, name: str) -> None:
+        """One run of a sweep at a time per store: a second one would resume the same parent
+        and train every job again beside the first."""
+        lock = store.sweep_lock(uri, key)
+        holder = lock.try_acquire()
+        if holder is not None:
+            raise EquipError(
+                f"{name} is already running in this store ({holder}); wait for it or use "
+                "multirun.resume=true after it ends."
+            )
+        self.lock = lock
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def _end_if_aborted(self) -> None:
         if self.parent_id is None:
+            self._release()
             return
         import mlflow
         from mlflow import MlflowClient
@@ -195,15 +225,17 @@ class SweepTracker(Callback):
         from equip.sweep.leaderboard import summarize
 
         parent_id, self.parent_id = self.parent_id, None
-        if store.store_is_down(mlflow.get_tracking_uri()):
-            return  # the next run of the same command resumes it (and marks it meanwhile)
         try:
+            if store.store_is_down(mlflow.get_tracking_uri()):
+                return  # the next run of the same command resumes it (and marks it meanwhile)
             summarize(parent_id, since=self.started)
             client = MlflowClient()
             client.set_tag(parent_id, schema.ERROR, "the sweep stopped before its last job")
             client.set_terminated(parent_id, "KILLED")
         except Exception as e:
             log.warning("could not end the aborted sweep's parent run: %s", strip_secrets(str(e)))
+        finally:
+            self._release()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_id is None:
@@ -217,6 +249,7 @@ class SweepTracker(Callback):
             board = summarize(parent_id, since=self.started)
         finally:
             MlflowClient().set_terminated(parent_id, "FINISHED")
+            self._release()
         print_board(board)
         uri = store.resolve_uri(config.tracking)
         exp = MlflowClient().get_run(parent_id).info.experiment_id

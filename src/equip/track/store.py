@@ -1,6 +1,7 @@
 """Where runs go: the MLflow store, checked before any work, with bounded retries when it
 goes away, and runs of crashed processes (`_processes`) marked KILLED by the next command that
-opens it. An Azure ML workspace's URI is read by `_azureml`.
+opens it. An Azure ML workspace's URI is read by `_azureml`. A local sqlite store is created
+under a file lock beside it, and a sweep holds a lock of its own while it runs (`_lock`).
 
     sqlite:///mlflow.db (default), http(s)://HOST:PORT (an mlflow server), azureml://… (a
     workspace; tracking=azureml), or any other URI MLflow knows.
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from equip.errors import EquipError, StoreUnavailable
 from equip.track._azureml import azureml_uri, require_azure_extra
 from equip.track._azureml import workspace_of as workspace_of  # re-exported: launchers use it
+from equip.track._lock import OwnedLock as OwnedLock  # re-exported: a sweep holds one
+from equip.track._lock import exclusive
 from equip.track._processes import process_tags as process_tags  # re-exported: every run
 from equip.track._processes import reap_stale_runs
 from equip.track.redaction import strip_secrets
@@ -26,6 +29,7 @@ from equip.track.redaction import strip_secrets
 # The user's own setting, read before mlflow.set_tracking_uri() exports its choice to the
 # environment (it does, for child processes): later runs in this process must not mistake it.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+STORE_LOCK_WAIT_S = 300  # creating or migrating a store takes seconds; longer means a hang
 SCHEMES = (
     "sqlite",
     "http",
@@ -67,8 +71,50 @@ def connect(tracking: DictConfig) -> str:
     import mlflow
 
     uri = check_store(tracking)
+    open_store(uri, create=False)  # a new store is made by its first use (experiment_id)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def open_store(uri: str, create: bool = True) -> None:
+    """Open a local sqlite store once, under its lock: MLflow creates or migrates the schema on
+    a process's first touch with no lock of its own, so two commands starting together on a new
+    store collide (`duplicate column name`) and can leave it half-migrated for good. MLflow
+    caches the opened store for the process. create=False: only a store that exists (one being
+    created meanwhile is waited for). Other stores: nothing to do."""
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not create and not db.exists():
+        return
+    with exclusive(_store_lock_file(db), STORE_LOCK_WAIT_S, f"the store {db}"):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EquipError(
+                f"{_where(uri)}={uri}: MLflow cannot open {db} ({reason[:300]}). An old store: "
+                f"run `mlflow db upgrade {uri}`; one whose creation was cut off: move it aside."
+            ) from None
+
+
+def sweep_lock(uri: str, key: str) -> OwnedLock:
+    """The lock one sweep (`key`: its identity) holds while it runs against the store at `uri`:
+    beside a sqlite store (in .cache/equip/sweep-locks/ of its folder), else in the user's cache."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return OwnedLock(db.parent / ".cache" / "equip" / "sweep-locks" / f"{db.name}.{key}.lock")
+    import hashlib
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    store_id = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return OwnedLock(cache / "equip" / "sweep-locks" / f"{store_id}.{key}.lock")
+
+
+def _store_lock_file(db: Path) -> Path:
+    return db.with_name(db.name + ".lock")
 
 
 def check_store(tracking: DictConfig) -> str:
@@ -172,9 +218,11 @@ def _check_sqlite(uri: str) -> None:
                 f"{_where(uri)}={uri}: {db} is not a sqlite database; pick another file name."
             )
         return
-    try:  # creatable? (sqlite would only say 'unable to open database file', after retries)
-        db.touch()
-        db.unlink()
+    # Creatable? (sqlite would only say 'unable to open database file', after retries.) Probed
+    # with the store's lock file, which is kept: a probe of the db itself could delete the
+    # store another command is creating at this moment.
+    try:
+        _store_lock_file(db).touch()
     except OSError as e:
         raise EquipError(
             f"{_where(uri)}={uri}: cannot create {db} ({e.strerror}); choose a writable folder."
@@ -200,9 +248,11 @@ def _check_folder(folder: Path, key: str) -> None:
 def experiment_id(tracking: DictConfig) -> str:
     """Get or create the experiment (local stores keep artifacts under `artifact_root`), and
     mark the runs of crashed processes in it KILLED."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    open_store(mlflow.get_tracking_uri())  # the first use of a new local store creates it
     name, artifact_root = tracking.experiment, tracking.get("artifact_root")
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
