@@ -222,7 +222,7 @@ def test_sweeps_started_together_on_a_new_store(tmp_path: Path):
     _race(tmp_path, [A, A, B])  # the same sweep twice, and another one
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 def test_ten_pairs_of_sweeps_started_together(tmp_path: Path):
     for i in range(10):
         _race(tmp_path / str(i), [A, A] if i % 2 == 0 else [A, B])

@@ -157,6 +157,11 @@ class SweepTracker(Callback):
         self.started = 0.0
         self.lock: store.OwnedLock | None = None  # this sweep's lock in the store, while it runs
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The joblib and Ray launchers pickle the callbacks into every job; the sweep's lock
+        # (an open file and a thread lock) stays with the process that holds it.
+        return {**self.__dict__, "lock": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Hydra only warns when a callback raises, then sweeps on with no parent run: any
         failure here ends the sweep instead (a SystemExit passes through Hydra)."""
