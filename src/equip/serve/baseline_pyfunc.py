@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 
 from equip.serve.pyfunc import (
-    IMAGE_COLUMN,
     BadImageInput,
     as_client_error,
     as_frame,
     decode_images,
+    model_signature,
     read_images,
 )
 
@@ -63,22 +63,11 @@ class BaselineImageModel(mlflow.pyfunc.PythonModel):
 def log_baseline_pyfunc(pipeline, classes: list[str], image_size: int) -> str:
     """Log the fitted pipeline as the run's `model`, a raw-image pyfunc; returns its URI."""
     import mlflow.sklearn
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
 
     import equip
     from equip.model.baseline import TRUSTED_SKLEARN_TYPES
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-        outputs=Schema(
-            [
-                ColSpec("string", "class"),
-                ColSpec("double", "probability"),
-                *[ColSpec("double", f"p_{c}") for c in classes],
-            ]
-        ),
-    )
+    signature = model_signature(classes)
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
     names = ["mlflow", "scikit-learn", "scikit-image", "skops", "pillow", "numpy", "pandas"]
     requirements = [f"{n}=={metadata.version(n)}" for n in names]

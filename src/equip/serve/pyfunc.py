@@ -20,11 +20,14 @@ import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
 
 IMAGE_COLUMN = "image"
 MAX_ROWS = 512  # images per request
@@ -161,23 +164,22 @@ def _requirements() -> list[str]:
     return [f"{n}=={metadata.version(n)}" for n in names]
 
 
-def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
-    """Log the checkpoint as the run's `model` (a pyfunc); returns its model URI."""
+def model_signature(classes: Sequence[str]) -> ModelSignature:
+    """What both pyfuncs (CNN and baseline) take and give: an image column in; the class, its
+    probability and one p_<class> column per class out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    outputs = [ColSpec("string", "class"), ColSpec("double", "probability")]
+    outputs += [ColSpec("double", f"p_{c}") for c in classes]
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=Schema(outputs))
+
+
+def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
+    """Log the checkpoint as the run's `model` (a pyfunc); returns its model URI."""
     import equip
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-        outputs=Schema(
-            [
-                ColSpec("string", "class"),
-                ColSpec("double", "probability"),
-                *[ColSpec("double", f"p_{c}") for c in classes],
-            ]
-        ),
-    )
+    signature = model_signature(classes)
     # No input_example: it would need a real photo, and MLflow warns about its absence.
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
     info = mlflow.pyfunc.log_model(
