@@ -22,23 +22,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from equip.track.redaction import REDACTED, is_secret_key, redact_text
+from equip.track.redaction import redact_text, redact_tree
 
 log = logging.getLogger(__name__)
 SAVED_CONFIGS = ("config.yaml", "hydra.yaml", "overrides.yaml")
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
-
-
-def redacted_node(node: Any, key: str = "") -> Any:
-    """A loaded YAML tree with each secret key's subtree as *** and every other string through
-    `redact_text` (override lists such as hydra.overrides.task hold `key=value` strings)."""
-    if is_secret_key(key):
-        return REDACTED
-    if isinstance(node, dict):
-        return {k: redacted_node(v, str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [redacted_node(v, key) for v in node]
-    return redact_text(node) if isinstance(node, str) else node
 
 
 def redact_yaml_file(path: Path) -> None:
@@ -48,7 +36,8 @@ def redact_yaml_file(path: Path) -> None:
         return
     text = path.read_text()
     tree = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
-    redacted = OmegaConf.to_yaml(OmegaConf.create(redacted_node(tree)))
+    # Override lists such as hydra.overrides.task hold `key=value` strings: redact_text.
+    redacted = OmegaConf.to_yaml(OmegaConf.create(redact_tree(tree, text=redact_text)))
     if redacted == OmegaConf.to_yaml(OmegaConf.create(tree)):
         return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 REDACTED = "***"
@@ -78,15 +78,16 @@ def redact_value(key: str, value: Any) -> Any:
     return strip_secrets(value) if isinstance(value, str) else value
 
 
-def redact_tree(node: Any, key: str = "") -> Any:
-    """A nested dict/list with the whole subtree of every secret key replaced by ***."""
+def redact_tree(node: Any, key: str = "", text: Callable[[str], str] = strip_secrets) -> Any:
+    """A nested dict/list with the whole subtree of every secret key replaced by ***, and every
+    other string passed through `text` (`redact_text` where strings may hold overrides)."""
     if is_secret_key(key):
         return REDACTED
     if isinstance(node, Mapping):
-        return {k: redact_tree(v, str(k)) for k, v in node.items()}
+        return {k: redact_tree(v, str(k), text) for k, v in node.items()}
     if isinstance(node, list | tuple):
-        return [redact_tree(v, key) for v in node]
-    return redact_value(key, node)
+        return [redact_tree(v, key, text) for v in node]
+    return text(node) if isinstance(node, str) else node
 
 
 def redact(items: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,7 +110,8 @@ def redact_overrides(overrides: Iterable[str]) -> list[str]:
 class SecretFilter(logging.Filter):
     """A logging filter (for a handler) that redacts each record's message and traceback.
 
-    Hydra's logging config names it: `filters: {secrets: {(): equip.track.redaction.SecretFilter}}`
+    Hydra's logging config names it, as
+    `filters: {redaction: {(): equip.track.redaction.SecretFilter}}`,
     in conf/hydra/job_logging and conf/hydra/hydra_logging."""
 
     def filter(self, record: logging.LogRecord) -> bool:
