@@ -11,8 +11,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from equip.config.checks import check_config
+from equip.config.choices import Activation, Pool
 from equip.config.explain import config_errors
-from equip.config.schema import Activation, Pool
 from equip.errors import EquipError
 from tests.conftest import ROOT, make_cfg
 

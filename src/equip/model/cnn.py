@@ -18,7 +18,7 @@ from torch import nn
 
 from equip.config import checks
 from equip.config.checks import kernel_sizes
-from equip.config.schema import CHOICES, Activation, Optimizer, Pool
+from equip.config.choices import CHOICES, Activation, Optimizer, Pool
 
 # The config's choices (Enums of equip.config.schema) -> torch; str keys match them too.
 ACTIVATIONS = {
