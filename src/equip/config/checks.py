@@ -134,6 +134,7 @@ def check_data(d: DictConfig) -> None:
                 f"data.group_pattern={d.group_pattern!r} is not a valid regex: {e}. "
                 r"Example: '^(\d+)[x_]'."
             ) from None
+    _in_range(d, "near_duplicate_distance", 0, 16)  # past 16 of 64 bits, unrelated photos tie
     if d.folds is not None:
         folds = _in_range(d, "folds", 2, 100)
         _in_range(d, "fold", 0, folds - 1)

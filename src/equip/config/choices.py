@@ -62,6 +62,12 @@ class Feature(StrEnum):
     color_hist = "color_hist"
 
 
+class GroupBy(StrEnum):  # what ties images into one split group (equip.data.grouping)
+    name = "name"  # data.group_pattern matches
+    bytes = "bytes"
+    near_duplicate = "near_duplicate"
+
+
 class Monitor(StrEnum):  # equip.track.schema.MONITOR_MODES says which way each is better
     val_acc = "val_acc"
     val_macro_f1 = "val_macro_f1"
@@ -107,6 +113,6 @@ class TrackingKind(StrEnum):
 # Every choice: torch.load(weights_only=True) must be told these classes are safe to load when a
 # checkpoint's hyper-parameters hold one (equip.model.cnn does).
 CHOICES: tuple[type[StrEnum], ...] = (
-    *(DataKind, Pool, Activation, Head, Optimizer, Scheduler, TTA, Estimator, Feature),
+    *(DataKind, GroupBy, Pool, Activation, Head, Optimizer, Scheduler, TTA, Estimator, Feature),
     *(Monitor, Keep, Accelerator, Strategy, Gate, RegistryMetric, TrackingKind),
 )

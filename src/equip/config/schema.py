@@ -23,6 +23,7 @@ from equip.config.choices import (
     Estimator,
     Feature,
     Gate,
+    GroupBy,
     Head,
     Keep,
     Monitor,
@@ -56,6 +57,8 @@ class DataConfig:
     test_fraction: float = MISSING
     split_seed: int = MISSING
     group_pattern: str | None = MISSING
+    group_by: list[GroupBy] = MISSING
+    near_duplicate_distance: int = MISSING
     folds: int | None = MISSING
     fold: int = MISSING
     batch_size: int = MISSING
