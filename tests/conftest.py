@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
-GEAR = ROOT.parent / "shared" / "data" / "gear_images"
+# The shared gear photos, beside the checkout; EQUIP_GEAR_IMAGES=PATH names them elsewhere.
+GEAR = Path(os.environ.get("EQUIP_GEAR_IMAGES") or ROOT.parent / "shared" / "data" / "gear_images")
 # Tiny and fast: 32 px images, 8 per class, 2 epochs.
 TINY = [
     "data.image_size=32",

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from equip.data.grouping import GroupRule, close_pairs, group_images
 from equip.data.images import load_folder, load_images, preprocess, scan_folder
 from equip.data.split import split_images
 from equip.errors import EquipError
@@ -134,8 +136,6 @@ def test_split_is_stratified_seeded_and_keeps_duplicates_together():
     for c in range(len(images.classes)):
         assert (s1[labels == c] == "val").sum() == 2  # 20% of 10, in every class
     # Byte-identical copies: add a duplicate of every image and split again.
-    from dataclasses import replace
-
     import torch
 
     dup = replace(
@@ -166,9 +166,16 @@ def test_second_load_in_a_process_comes_from_memory():
     assert second.source == "memory" and second.images is first.images
 
 
-@pytest.mark.skipif(not GEAR.is_dir(), reason="../shared/data/gear_images is not on this machine")
-def test_real_gear_photos_load_with_white_backgrounds(tmp_path: Path):
-    images = load_folder(GEAR, 32, tmp_path / "cache")
+@pytest.fixture(scope="module")
+def gear(tmp_path_factory: pytest.TempPathFactory):
+    """The shared gear photos at 32 px, decoded once for this module's tests."""
+    if not GEAR.is_dir():
+        pytest.skip(f"{GEAR} is not on this machine (EQUIP_GEAR_IMAGES=PATH names it)")
+    return load_folder(GEAR, 32, tmp_path_factory.mktemp("gear") / "cache")
+
+
+def test_real_gear_photos_load_with_white_backgrounds(gear):
+    images = gear
     assert len(images.classes) == 12 and len(images.labels) == 1586 and not images.skipped
     gloves = images.classes.index("gloves")
     pngs = [i for i, p in enumerate(images.paths) if p.endswith(".png") and "gloves" in p]
@@ -177,9 +184,34 @@ def test_real_gear_photos_load_with_white_backgrounds(tmp_path: Path):
     assert corners.mean() > 200  # composited onto white, not the black hidden under the alpha
 
 
-def test_group_pattern_keeps_colourways_of_a_product_together():
-    from dataclasses import replace
+def test_gear_photos_of_one_product_from_two_shops_share_a_group(gear):
+    """Issue 17: same-class photos whose dHashes are at most 1 bit apart, in different groups
+    by names and bytes: 63 pairs (23 of them 0 bits apart). By what they show: none."""
+    data = make_cfg("experiment=gear", f"data.root={GEAR}", tiny=False).data
+    groups = group_images(gear, GroupRule.of(data))
+    by_names = group_images(gear, replace(GroupRule.of(data), by=frozenset({"bytes", "name"})))
+    at = {Path(p).relative_to(GEAR).as_posix(): i for i, p in enumerate(gear.paths)}
+    for a, b in (
+        ("axes/10331871x1010938_zm.jpeg", "axes/113410.jpeg"),  # the same axe photo
+        ("boots/10331425x1011760_zm.jpeg", "boots/866951.jpeg"),  # the same boot photo
+        ("axes/100937.jpeg", "axes/100938.jpeg"),  # one axe in two colours
+    ):
+        assert groups.ids[at[a]] == groups.ids[at[b]] and by_names.ids[at[a]] != by_names.ids[at[b]]
+    first, second = close_pairs(gear.dhash, 1)
+    labels = gear.labels.numpy()
+    same = [(i, j) for i, j in zip(first, second, strict=True) if labels[i] == labels[j]]
+    assert sum(by_names.ids[i] != by_names.ids[j] for i, j in same) == 63
+    assert sum(groups.ids[i] != groups.ids[j] for i, j in same) == 0
+    assert groups.params() == {
+        "dataset.groups": 1015,
+        "dataset.groups_merged_by_bytes": 5,
+        "dataset.groups_merged_by_name": 515,
+        "dataset.groups_merged_by_near_duplicate": 51,
+        "dataset.label_conflicts": 0,
+    }
 
+
+def test_group_pattern_keeps_colourways_of_a_product_together():
     images = load_images(make_cfg("data.per_class=10").data)
     # Name pairs of images as one product in two colourways: 100x1.jpg, 100x2.jpg, ...
     paths = [
@@ -187,11 +219,11 @@ def test_group_pattern_keeps_colourways_of_a_product_together():
         for i, y in enumerate(images.labels.tolist())
     ]
     named = replace(images, paths=paths)
-    s = split_images(named, 0.2, 0.0, seed=0, group_pattern=r"^(\d+)x")
+    s = split_images(named, 0.2, 0.0, seed=0, rule=GroupRule(pattern=r"^(\d+)x"))
     assert all(s[i] == s[i + 1] for i in range(0, len(s), 2))
     assert (split_images(named, 0.2, 0.0, seed=0) != s).any()  # without it: split by content
     with pytest.raises(EquipError, match="data.group_pattern='\\(' is not a valid regex"):
-        split_images(named, 0.2, 0.0, seed=0, group_pattern="(")
+        split_images(named, 0.2, 0.0, seed=0, rule=GroupRule(pattern="("))
 
 
 def test_a_damaged_cache_entry_or_a_symlink_loop_never_breaks_a_load(tmp_path: Path):

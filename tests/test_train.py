@@ -51,7 +51,9 @@ def test_train_records_a_complete_run(store: str):
         "checkpoints/best.ckpt",
     } <= artifacts(client, run.info.run_id)
     manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split.csv").splitlines()
-    assert manifest[0] == "path,sha256,class,split" and len(manifest) == 1 + 12 * 8
+    assert manifest[0] == "path,sha256,class,group,grouped_by,label_conflicts,split"
+    assert len(manifest) == 1 + 12 * 8
+    assert p["dataset.groups"] == "96" and p["dataset.groups_merged_by_bytes"] == "0"
 
     # The logged model is a pyfunc that takes image files and agrees with the best checkpoint.
     [logged] = client.search_logged_models([run.info.experiment_id])

@@ -13,22 +13,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from equip.track import schema
+from equip.track.record import config_params
 
 log = logging.getLogger(__name__)
 
 
 def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str):
     """The best FINISHED baseline run on the same data fingerprint and the same split."""
-    d = cfg.data
-    pattern = schema.literal("null" if d.group_pattern is None else str(d.group_pattern))
-    same_split = (
-        f"params.`data.split_seed` = '{d.split_seed}' and "
-        f"params.`data.val_fraction` = '{d.val_fraction}' and "
-        f"params.`data.test_fraction` = '{d.test_fraction}' and "
-        f"params.`data.group_pattern` = {pattern} and "
-        f"params.`data.folds` = '{_param(d.folds)}' and "
-        f"params.`data.fold` = '{d.fold}'"
-    )
+    split = (*schema.GROUPING_KEYS, "data.val_fraction", "data.test_fraction", "data.folds")
+    same_split = schema.same_params(config_params(cfg), [*split, "data.fold"])
     runs = client.search_runs(
         [experiment_id],
         f"params.`model.name` = 'baseline' and tags.`{schema.DATA_FINGERPRINT}` = '{fingerprint}' "
@@ -37,10 +30,6 @@ def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str)
         max_results=1,
     )
     return runs[0] if runs else None
-
-
-def _param(value) -> str:
-    return "null" if value is None else str(value)
 
 
 def register_if_better(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from equip.data._imagestore import DiskImages
@@ -20,3 +21,6 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of unreadable files
     source: str = "decoded"  # decoded | disk-cache | memory
     decoded: int = 0  # files decoded by this load (0 when everything came from a cache)
+    # uint64 per image: the photo's dHash (equip.data.grouping), computed when it was decoded;
+    # None for a set that has no photos (the drawn set: grouping hashes its pixels if asked)
+    dhash: np.ndarray | None = None

@@ -24,10 +24,18 @@ def _to_rgb_on_white(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, RGB, 16-bit RGB
 
 
+def on_white(img: Image.Image) -> Image.Image:
+    """The photo as it is seen: upright (EXIF orientation), RGB, transparency on white."""
+    return _to_rgb_on_white(ImageOps.exif_transpose(img))
+
+
 def preprocess(img: Image.Image, size: int) -> np.ndarray:
     """PIL image -> uint8 array (3, size, size)."""
-    img = ImageOps.exif_transpose(img)
-    img = _to_rgb_on_white(img)
+    return preprocess_on_white(on_white(img), size)
+
+
+def preprocess_on_white(img: Image.Image, size: int) -> np.ndarray:
+    """preprocess() of an image on_white() gave."""
     img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color="white")
     a = np.asarray(img, dtype=np.float32)
     lo = a.min(axis=(0, 1), keepdims=True)

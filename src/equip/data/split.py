@@ -1,52 +1,20 @@
-"""The train/val(/test) split: stratified, seeded, and grouped so near-duplicates stay together."""
+"""The train/val(/test) split: stratified, seeded, and grouped so near-duplicates stay together
+(the groups: equip.data.grouping)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 
 from equip.config.checks import check_fractions
+from equip.data.grouping import Grouping, GroupRule, group_images
 from equip.data.images import ImageSet
 from equip.errors import EquipError
 
-
-def split_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
-    """A group id per image: byte-identical files share one, and so do files of a class whose
-    names give the same `group_pattern` match (e.g. one product in several colourways)."""
-    parent = list(range(len(images.sha256)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[str, int] = {}
-    pattern = re.compile(group_pattern) if group_pattern else None
-    for i, (sha, path, label) in enumerate(
-        zip(images.sha256, images.paths, images.labels.tolist(), strict=True)
-    ):
-        keys = [sha]
-        if pattern and (m := pattern.search(Path(path).name)):
-            keys.append(f"{label}/{m.group(m.lastindex or 0)}")
-        for key in keys:
-            parent[find(i)] = find(first.setdefault(key, i))
-    return [images.sha256[find(i)] for i in range(len(parent))]
-
-
-def _checked_groups(images: ImageSet, group_pattern: str | None) -> list[str]:
-    """split_groups, with a bad data.group_pattern named in one line."""
-    try:
-        return split_groups(images, group_pattern)
-    except re.error as e:
-        raise EquipError(
-            f"data.group_pattern={group_pattern!r} is not a valid regex: {e}"
-        ) from None
+BYTES_AND_NAMES = GroupRule()  # the grouping of a split that is given no rule
 
 
 def split_images(
@@ -54,15 +22,15 @@ def split_images(
     val_fraction: float,
     test_fraction: float,
     seed: int,
-    group_pattern: str | None = None,
+    rule: GroupRule = BYTES_AND_NAMES,
 ) -> np.ndarray:
     """Stratified, seeded split -> array of 'train' | 'val' | 'test' per image.
 
-    Whole groups (see split_groups) land on one side, so a duplicate or near-duplicate can never
-    leak a training image into validation.
+    Whole groups (`rule`'s) land on one side, so a duplicate or near-duplicate can never leak a
+    training image into validation.
     """
     check_fractions(val_fraction, test_fraction)
-    group_of = _checked_groups(images, group_pattern)
+    group_of = group_images(images, rule).ids
     labels = images.labels.numpy()
     side: dict[str, str] = {}
     for c, name in enumerate(images.classes):
@@ -93,16 +61,16 @@ def split_images(
 
 
 def fold_split(
-    images: ImageSet, folds: int, fold: int, seed: int, group_pattern: str | None = None
+    images: ImageSet, folds: int, fold: int, seed: int, rule: GroupRule = BYTES_AND_NAMES
 ) -> np.ndarray:
     """Fold `fold` of a grouped, stratified k-fold -> 'train' | 'val' per image.
 
-    The groups are split_images' (duplicates and data.group_pattern matches stay together), so
-    the k validation folds are disjoint, cover every image once and never split a group.
+    The groups are `rule`'s, as in split_images, so the k validation folds are disjoint, cover
+    every image once and never split a group.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    group_of = _checked_groups(images, group_pattern)
+    group_of = group_images(images, rule).ids
     labels = images.labels.numpy()
     for c, name in enumerate(images.classes):
         n = len({group_of[i] for i in np.flatnonzero(labels == c)})
@@ -120,20 +88,23 @@ def fold_split(
 
 def split_for(images: ImageSet, data) -> np.ndarray:
     """The split a data config asks for: fold `data.fold` of `data.folds`, or the hold-out."""
+    rule = GroupRule.of(data)
     if data.get("folds"):
-        return fold_split(images, data.folds, data.fold, data.split_seed, data.group_pattern)
-    return split_images(
-        images, data.val_fraction, data.test_fraction, data.split_seed, data.group_pattern
-    )
+        return fold_split(images, data.folds, data.fold, data.split_seed, rule)
+    return split_images(images, data.val_fraction, data.test_fraction, data.split_seed, rule)
 
 
-def split_manifest(images: ImageSet, split: np.ndarray) -> str:
-    """CSV text: path, sha256, class, split: what a run trained and validated on."""
+def split_manifest(images: ImageSet, split: np.ndarray, groups: Grouping) -> str:
+    """CSV text, a row per image: path, sha256, class, its group, the kinds of tie that hold
+    it there (bytes;name;near_duplicate), the files of other classes it is a near-duplicate of
+    (label conflicts), and its split (last, so `row.rsplit(",", 1)` reads it)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "sha256", "class", "split"])
-    for path, sha, label, s in zip(
-        images.paths, images.sha256, images.labels.tolist(), split, strict=True
+    w.writerow(["path", "sha256", "class", "group", "grouped_by", "label_conflicts", "split"])
+    for i, (path, sha, label, s) in enumerate(
+        zip(images.paths, images.sha256, images.labels.tolist(), split, strict=True)
     ):
-        w.writerow([path, sha, images.classes[label], s])
+        conflicts = ";".join(images.paths[j] for j in groups.conflicts_of.get(i, []))
+        tied = ";".join(groups.ties[i])
+        w.writerow([path, sha, images.classes[label], groups.ids[i], tied, conflicts, s])
     return buf.getvalue()

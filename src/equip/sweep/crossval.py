@@ -28,8 +28,7 @@ class CvResult:
     scores: dict[int, float]  # fold -> metric of the fold's selected model
     best_epochs: dict[int, float]  # fold -> its selected epoch (0-based), CNN runs only
     folds: int
-    split_seed: str
-    group_pattern: str
+    grouping: dict[str, str]  # the params of schema.GROUPING_KEYS its folds were made with
 
     @property
     def mean(self) -> float:
@@ -63,9 +62,8 @@ def _result(parent_id: str, runs: list, metric: str) -> CvResult | None:
         for r in runs
         if "best_epoch" in r.data.metrics
     }
-    return CvResult(
-        parent_id, scores, epochs, folds, p["data.split_seed"], p.get("data.group_pattern", "null")
-    )
+    grouping = {k: p.get(k, "null") for k in schema.GROUPING_KEYS}
+    return CvResult(parent_id, scores, epochs, folds, grouping)
 
 
 def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult | None:
@@ -87,8 +85,7 @@ def baseline_cv(
         f"params.`model.name` = 'baseline' and "
         f"tags.`{schema.DATA_FINGERPRINT}` = {schema.literal(fingerprint)} and "
         f"params.`data.folds` = '{like.folds}' and "
-        f"params.`data.split_seed` = {schema.literal(like.split_seed)} and "
-        f"params.`data.group_pattern` = {schema.literal(like.group_pattern)}"
+        f"{schema.same_params(like.grouping, schema.GROUPING_KEYS)}"
     )
     results = [
         _result(parent, runs, metric)

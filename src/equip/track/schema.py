@@ -5,6 +5,8 @@ One place, so a tag is spelled the same by the job that writes it and the report
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 # ---------------------------------------------------------------- limits (MLflow 3)
 MAX_TAG_VALUE = 5000  # we cut tag values well below MLflow's 8,000 characters
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -70,6 +72,14 @@ NOT_IDENTITY = (
 )
 # ...and the keys that only choose the split, left out of a config's CV key.
 SPLIT_KEYS = ("data.fold", "data.folds", "data.val_fraction", "data.test_fraction", "final_fit")
+# ...and the keys that decide which images stay together and how the groups are dealt: two
+# runs on the same data share a split, or folds, only if they agree on every one of them.
+GROUPING_KEYS = (
+    "data.split_seed",
+    "data.group_pattern",
+    "data.group_by",
+    "data.near_duplicate_distance",
+)
 
 
 def monitor_mode(monitor: str) -> str:
@@ -101,6 +111,12 @@ def children_of(parent_id: str, status: str | None = None, config_hash: str | No
     if status is not None:
         parts.append(f"attributes.status = '{status}'")
     return " and ".join(parts)
+
+
+def same_params(params: Mapping[str, str], keys: Iterable[str]) -> str:
+    """Filter for runs whose params `keys` have the values in `params` ('null' where absent).
+    A run logged before one of the keys existed has no such param, so it never matches."""
+    return " and ".join(f"params.`{k}` = {literal(params.get(k, 'null'))}" for k in keys)
 
 
 def sweep_parents(sweep_key: str | None = None) -> str:

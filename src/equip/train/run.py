@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from equip import __version__
 from equip.config.checks import check_config, check_hardware, processes_per_node
+from equip.data.grouping import GroupRule, group_images
 from equip.data.images import ImageSet, load_images
 from equip.data.split import split_manifest
 from equip.registry import register_if_better
@@ -177,8 +178,17 @@ def _start_run(
 def _log_inputs(
     cfg: DictConfig, overrides: Sequence[str], images: ImageSet, split: np.ndarray
 ) -> None:
-    """What went in: the config, the data and its split."""
+    """What went in: the config, the data, its groups and its split."""
     counts = {s: int((split == s).sum()) for s in ("train", "val", "test")}
+    groups = group_images(images, GroupRule.of(cfg.data))
+    log.info("split groups: %s", groups.summary())
+    if groups.conflicts:
+        log.warning(
+            "%d label conflict(s): near-duplicate photos in different classes, e.g. %s ~ %s; "
+            "all are listed in the run's data/split.csv (label_conflicts)",
+            len(groups.conflicts),
+            *(images.paths[k] for k in groups.conflicts[0]),
+        )
     mlflow.log_params(
         {
             **tracking.config_params(cfg),
@@ -188,11 +198,12 @@ def _log_inputs(
             **{f"dataset.{s}_images": n for s, n in counts.items()},
             "dataset.skipped_files": len(images.skipped),
             "dataset.decoded_files": images.decoded,
+            **groups.params(),
         }
     )
     mlflow.log_text(tracking.redacted_yaml(cfg), "config/config.yaml")
     mlflow.log_text("\n".join(redact_overrides(overrides)) + "\n", "config/overrides.txt")
-    mlflow.log_text(split_manifest(images, split), "data/split.csv")
+    mlflow.log_text(split_manifest(images, split, groups), "data/split.csv")
     if images.skipped:
         mlflow.log_text("".join(f"{p}\t{why}\n" for p, why in images.skipped), "data/skipped.tsv")
 
