@@ -181,9 +181,8 @@ def test_group_by_is_typed_defaults_by_data_kind_and_checked():
 
 
 def test_a_folder_run_records_its_groups_and_matches_only_runs_grouped_alike(store: str, photos):
-    from equip.sweep.context import cv_key
-    from equip.track import schema
-    from equip.track.record import config_params
+    from equip.sweep.context import cv_key, folds_key, split_key
+    from equip.track import queries, schema
     from equip.train.run import train
 
     root, _ = photos
@@ -207,9 +206,11 @@ def test_a_folder_run_records_its_groups_and_matches_only_runs_grouped_alike(sto
         for extra in ("data.near_duplicate_distance=2", "data.group_by=[name,bytes]")
     ]
     assert len({cv_key(c, "fp") for c in (cfg, *others)}) == 3
-    before = client.create_run(run.info.experiment_id)  # a run from before data.group_by
-    for k in set(schema.GROUPING_KEYS) - {"data.group_by"}:
-        client.log_param(before.info.run_id, k, p[k])
+    assert run.data.tags[schema.SPLIT_KEY] == split_key(cfg)
+    assert len({split_key(c) for c in (cfg, *others)}) == 3
+    assert len({folds_key(c) for c in (cfg, *others)}) == 3
+    fingerprint = run.data.tags[schema.DATA_FINGERPRINT]
     for c, found in ((cfg, [run.info.run_id]), (others[0], []), (others[1], [])):
-        where = schema.same_params(config_params(c), schema.GROUPING_KEYS)
-        assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], where)] == found
+        where = queries.baseline_runs(fingerprint, split_key(c))
+        runs = queries.search_runs(client, [run.info.experiment_id], where)
+        assert [r.info.run_id for r in runs] == found
