@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from equip.errors import EquipError
-from tests.conftest import ROOT, TINY, artifacts, freeze_when, make_cfg
+from tests.conftest import ROOT, TINY, artifacts, freeze_when, make_cfg, train_in_process
 
 FAST = ["tracking.log_model=false"]
 
@@ -79,7 +79,7 @@ def test_cli_says_no_gpu_and_too_many_devices_in_one_line(tmp_path: Path):
         ("trainer.accelerator=gpu", "no usable GPU"),
         (f"trainer.devices={os.cpu_count() + 1}", "CPU processes on"),
     ):
-        proc = _cli(arg, "trainer.strategy=ddp", cwd=tmp_path)
+        proc = train_in_process([*TINY, arg, "trainer.strategy=ddp"], tmp_path)
         assert proc.returncode == 2, proc.stderr[-2000:]
         # (other lines: warnings of Hydra plugins other checkouts may have installed)
         [line] = [x for x in proc.stderr.splitlines() if x.startswith("equip:")]
@@ -117,7 +117,7 @@ KILL_AFTER_EPOCH = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path):
+def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path, store: str):
     args = ["trainer.max_epochs=4", "trainer.patience=0", *FAST]
     proc = subprocess.run(
         [sys.executable, "-c", KILL_AFTER_EPOCH, "1", *args],
@@ -155,7 +155,9 @@ def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path):
 
 # ---------------------------------------------------------------- ddp
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp_path: Path):
+def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(
+    tmp_path: Path, store: str
+):
     import mlflow
     import numpy as np
     import torch
@@ -204,7 +206,7 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(tmp
 
 
 @pytest.mark.slow
-def test_a_ddp_sweep_gives_one_parent_and_one_child_per_job(tmp_path: Path):
+def test_a_ddp_sweep_gives_one_parent_and_one_child_per_job(tmp_path: Path, store: str):
     """Each job's second rank trains that job only (not the sweep again) and records nothing;
     the second job starts its own ranks although the first job's launcher ran in-process."""
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
@@ -220,7 +222,9 @@ def test_a_ddp_sweep_gives_one_parent_and_one_child_per_job(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- data on disk
-def test_the_built_in_set_is_drawn_once_into_the_disk_cache_and_streamed(tmp_path: Path):
+def test_the_built_in_set_is_drawn_once_into_the_disk_cache_and_streamed(
+    tmp_path: Path, store: str
+):
     import hashlib
 
     import torch
@@ -310,7 +314,7 @@ def _peak_rss_of_training(tmp_path: Path, cache: Path, per_class: int, size: int
 
 
 @pytest.mark.slow
-def test_data_larger_than_the_ram_budget_trains_with_bounded_rss(tmp_path: Path):
+def test_data_larger_than_the_ram_budget_trains_with_bounded_rss(tmp_path: Path, store: str):
     """1 GiB of decoded images streamed from the cache cost no more RAM than 50 MiB do:
     torch, Lightning and MLflow alone take ~1-1.5 GiB, so the images must add next to nothing."""
     cache, size = tmp_path / "cache", 128
@@ -327,7 +331,7 @@ def test_data_larger_than_the_ram_budget_trains_with_bounded_rss(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: Path):
+def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: Path, store: str):
     from tests.conftest import FAST as SWEEP_FAST
 
     args = [
@@ -373,7 +377,7 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
 
 
-def test_photos_become_one_cached_set_that_streams_past_the_ram_budget(tmp_path: Path):
+def test_photos_become_one_cached_set_that_streams_past_the_ram_budget(tmp_path: Path, store: str):
     import torch
 
     from equip.data._imagestore import DiskImages

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from equip.track.hydra_output import RedactHydraFiles, redact_yaml_file
 from equip.track.redaction import SecretFilter, redact_text, strip_secrets
-from tests.conftest import parent_and_children, run_cli, sweep
+from tests.conftest import parent_and_children, run_cli, sweep, train_in_process
 
 PASSWORD = "Zq9xLm42vW"  # no secret-looking word in it: only the user:password@ form gives it away
 SIGNATURE = "AbC%2Bsg7Ue3Ytq"
@@ -161,7 +161,8 @@ def test_a_run_prints_and_saves_no_secret(tmp_path: Path, mlflow_server: str):
 
 @pytest.mark.parametrize("root", [SAS_URL, f"http://bob:{PASSWORD}@host/x"])
 def test_a_refused_run_with_a_secret_data_root_leaks_nothing(tmp_path: Path, root: str):
-    proc = run_cli(*FOLDER_FAST, "data=folder", f"data.root='{root}'", cwd=tmp_path, tiny=False)
+    args = [*FOLDER_FAST, "data=folder", f"data.root='{root}'"]
+    proc = train_in_process(args, tmp_path)
     assert proc.returncode != 0 and "data.root" in proc.stderr
     assert "***" in proc.stderr
     assert not leaks([proc.stdout, proc.stderr], tmp_path)

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from tests.conftest import freeze_when, parent_and_children, sweep
 
 
-def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path):
+def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path, store: str):
     proc = sweep("model.filters=[8],[8,16]", "model.lr=0.001,0.01", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -57,7 +57,7 @@ def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Pat
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path):
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, store: str):
     # val_fraction=0.01 passes the config checks but leaves classes without validation images.
     proc = sweep("data.val_fraction=0.25,0.01,0.3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path):
     assert parent.data.metrics["jobs_failed"] == 1 and parent.data.metrics["jobs_finished"] == 2
 
 
-def test_killed_sweep_resumes_without_retraining_finished_jobs(tmp_path: Path):
+def test_killed_sweep_resumes_without_retraining_finished_jobs(tmp_path: Path, store: str):
     args = ("model.filters=[4],[8],[4,8],[8,16]", "trainer.max_epochs=3")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     proc = sweep(*args, cwd=tmp_path, wait=False)
@@ -118,7 +118,7 @@ JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 
 
 @pytest.mark.slow
-def test_joblib_with_two_workers_loses_nothing_on_sqlite(tmp_path: Path):
+def test_joblib_with_two_workers_loses_nothing_on_sqlite(tmp_path: Path, store: str):
     proc = sweep(*JOBLIB, "model.filters=[4],[8],[4,8],[8,16]", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -135,7 +135,7 @@ def test_joblib_with_two_workers_loses_nothing_over_http(tmp_path: Path, mlflow_
     assert "http://127.0.0.1" in proc.stderr  # where the parent run is, as a UI link
 
 
-def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
+def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path, store: str):
     proc = sweep(
         "model.lr=0.001,0.00000001",
         "data.per_class=24",
@@ -158,7 +158,7 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path):
     assert parent.data.metrics["jobs_pruned"] == 1
 
 
-def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path):
+def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path, store: str):
     proc = sweep(
         "data.val_fraction=0.25,0.01,0.3", "multirun.continue_on_failure=false", cwd=tmp_path
     )
@@ -168,14 +168,14 @@ def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path):
     assert parent.info.status == "KILLED" and parent.data.metrics["jobs_failed"] == 1
 
 
-def test_baseline_grids_are_validated_and_run(tmp_path: Path):
+def test_baseline_grids_are_validated_and_run(tmp_path: Path, store: str):
     proc = sweep("model=baseline", "model.estimator=logreg,random_forest", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
 
 
-def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path):
+def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path, store: str):
     proc = sweep(
         "sweep=learning_rate", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1", cwd=tmp_path
     )
@@ -187,7 +187,7 @@ def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path):
     assert parent.data.tags["equip.swept_keys"] == "model.lr,model.weight_decay,data.batch_size"
 
 
-def test_a_failing_optuna_trial_does_not_stop_the_study(tmp_path: Path):
+def test_a_failing_optuna_trial_does_not_stop_the_study(tmp_path: Path, store: str):
     # val_fraction=0.01 leaves classes without validation images: every trial fails at the split.
     proc = sweep(
         "sweep=learning_rate", "hydra.sweeper.n_trials=2", "data.val_fraction=0.01", cwd=tmp_path

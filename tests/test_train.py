@@ -123,7 +123,7 @@ def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
     assert not Path("mlflow.db").exists()
 
 
-def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path):
+def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path, store: str):
     proc = run_cli("model.filters=[8],[8,16]", "tracking.log_model=false", "-m", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -189,8 +189,8 @@ class Classifier(pl.LightningModule):
             }
         if o["scheduler"] == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"},
-            }
+            # A final fit runs no validation: there the plateau is the training loss's.
+            validates = self.trainer.limit_val_batches != 0
+            monitor = "val_loss" if validates else "train_loss"
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": monitor}}
         return optimizer
