@@ -14,7 +14,7 @@ from equip.data.images import load_images
 from equip.data.split import fold_split
 from equip.errors import EquipError
 from equip.track import champion
-from tests.conftest import make_cfg, parent_and_children, sweep
+from tests.conftest import TINY, make_cfg, ready_store, train_in_process
 
 
 def _named_with_duplicates():
@@ -63,26 +63,6 @@ def test_cv_settings_are_checked():
     images = load_images(make_cfg("data.per_class=3").data)
     with pytest.raises(EquipError, match="data.folds=5: class 'axes' has only 3"):
         fold_split(images, 5, 0, seed=0)
-
-
-def test_cv_sweep_parent_carries_mean_std_and_an_interval(store: str, tmp_path):
-    proc = sweep("data.folds=3", "data.fold=0,1,2", "model.filters=[8]", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3-fold CV (mean ± std): val_acc" in proc.stdout + proc.stderr
-    assert "[95% CI " in proc.stderr  # each fold's done line
-    parent, children = parent_and_children(MlflowClient(store))
-    assert len(children) == 3
-    accs = [c.data.metrics["best_val_acc"] for c in children]
-    m = parent.data.metrics
-    assert m["cv_folds"] == 3
-    assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs))
-    assert m["cv_std_best_val_acc"] == pytest.approx(np.std(accs, ddof=1))
-    assert m["cv_val_images"] == 96  # 12 classes x 8 images: each validated once
-    assert m["cv_pooled_acc_ci_low"] <= m["cv_pooled_acc"] <= m["cv_pooled_acc_ci_high"]
-    assert "best_val_acc" not in m  # the luckiest fold is no estimate
-    assert parent.data.tags["equip.cv_summary"].startswith("3-fold CV")
-    for c in children:
-        assert c.data.metrics["val_images"] == float(c.data.params["dataset.val_images"])
 
 
 # ---------------------------------------------------------------- defaults assume nothing
@@ -306,73 +286,90 @@ WEAK_BASELINE = [
 ]
 
 
-def _cv(*overrides: str) -> tuple[str, list[dict]]:
-    """A CV sweep run in-process: a parent run and one child per fold, as sweep=cv makes."""
-    from equip.sweep.context import JobContext
-    from equip.sweep.leaderboard import summarize
-    from equip.train.run import train
+CV = ["-m", "sweep=cv", *TINY, "data.folds=3", "data.fold=0,1,2"]  # TINY: make_cfg's
 
-    make_cfg()  # hydra composes before the store is touched
-    import mlflow
 
-    from equip.track.store import connect, experiment_id
+@pytest.fixture(scope="module")
+def cv_sweeps(tmp_path_factory: pytest.TempPathFactory):
+    """The real `python train.py -m sweep=cv` (Hydra's multirun, equip's sweep callback), run in
+    this process, once for the baseline and once for the CNN, into one store that the tests of
+    final fits and the CV gate add to: (the CNN sweep's output, its parent, its folds, the
+    store's URI)."""
+    folder = tmp_path_factory.mktemp("cv")
+    uri = ready_store(folder)
+    data = [o for o in CV_DATA if not o.startswith("data.folds")]
+    baseline = train_in_process([*CV, *data, *WEAK_BASELINE, "tracking.log_model=false"], folder)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    cnn = train_in_process([*CV, *data, *GOOD_CNN, "tracking.log_model=false"], folder)
+    assert cnn.returncode == 0, cnn.stderr[-3000:]
+    client = MlflowClient(uri)
+    parent = newest_parent(client)
+    children = client.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        yield cnn, parent, children, uri
 
-    connect(make_cfg().tracking)
-    client = MlflowClient()
-    parent = client.create_run(
-        experiment_id(make_cfg().tracking),
-        run_name="cv",
-        tags={"equip.swept_keys": "data.fold", "equip.sweep_key": "k" + str(len(overrides))},
+
+def newest_parent(client: MlflowClient):
+    parents = client.search_runs(
+        ["1"], "tags.`equip.sweep_key` != ''", order_by=["attributes.start_time DESC"]
     )
-    pid = parent.info.run_id
-    results = []
-    for k in range(3):
-        job = JobContext(overrides=[f"data.fold={k}"], parent_run_id=pid, swept_keys=["data.fold"])
-        results.append(train(make_cfg(*CV_DATA, *overrides, f"data.fold={k}"), job))
-    summarize(pid)
-    client.set_terminated(pid)
-    assert mlflow.active_run() is None
-    return pid, results
+    return parents[0]
 
 
-@pytest.mark.slow
-def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(store: str):
+def test_cv_sweep_parent_carries_mean_std_and_an_interval(cv_sweeps):
+    proc, parent, children, _ = cv_sweeps
+    assert "3-fold CV (mean ± std): val_acc" in proc.stdout + proc.stderr
+    assert "[95% CI " in proc.stderr  # each fold's done line
+    assert len(children) == 3
+    accs = [c.data.metrics["best_val_acc"] for c in children]
+    m = parent.data.metrics
+    assert m["cv_folds"] == 3
+    assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs))
+    assert m["cv_std_best_val_acc"] == pytest.approx(np.std(accs, ddof=1))
+    assert m["cv_val_images"] == 240  # 12 classes x 20 images: each validated once
+    assert m["cv_pooled_acc_ci_low"] <= m["cv_pooled_acc"] <= m["cv_pooled_acc_ci_high"]
+    assert "best_val_acc" not in m  # the luckiest fold is no estimate
+    assert parent.data.tags["equip.cv_summary"].startswith("3-fold CV")
+    for c in children:
+        assert c.data.metrics["val_images"] == float(c.data.params["dataset.val_images"])
+
+
+def test_final_fit_trains_on_train_and_val_and_carries_the_cv_estimate(cv_sweeps):
     from equip.train.run import train
 
-    pid, folds = _cv(*GOOD_CNN, "tracking.log_model=false")
+    _, parent, folds, uri = cv_sweeps
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
     final = train(make_cfg(*data, *GOOD_CNN, "final_fit=true"), ["final_fit=true"])
-    run = MlflowClient(store).get_run(final["run_id"])
+    run = MlflowClient(uri).get_run(final["run_id"])
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     assert p["dataset.train_images"] == "240" and p["dataset.val_images"] == "0"
-    assert t["equip.final_fit"] == "true" and t["equip.cv_parent_run_id"] == pid
-    accs = [f["metrics"]["best_val_acc"] for f in folds]
+    assert t["equip.final_fit"] == "true" and t["equip.cv_parent_run_id"] == parent.info.run_id
+    accs = [f.data.metrics["best_val_acc"] for f in folds]
     assert m["cv_mean_best_val_acc"] == pytest.approx(np.mean(accs)) and m["cv_folds"] == 3
-    mean_epoch = np.mean([f["metrics"]["best_epoch"] for f in folds])
+    mean_epoch = np.mean([f.data.metrics["best_epoch"] for f in folds])
     assert m["epochs_trained"] == max(1, round(mean_epoch) + 1)
     assert "best_val_acc" not in m
-    assert final["model_uri"]  # the model users get back is the one trained on everything
+    # the model users get back is the one trained on everything
+    assert final["model_uri"] == f"runs:/{run.info.run_id}/model"
 
 
-@pytest.mark.slow
-def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
+def test_registry_cv_gate_pairs_folds_with_the_baseline(cv_sweeps):
+    from equip.config.checks import check_config
     from equip.train.run import train
 
+    _, parent, _, uri = cv_sweeps
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
     register = ["final_fit=true", "registry.enabled=true", "registry.gate=cv", "registry.name=gear"]
-    no_cv = train(make_cfg(*data, *GOOD_CNN, *register), [])
-    assert not no_cv["registry"]["registered"]
-    assert "no complete CV sweep" in no_cv["registry"]["reason"]
-    _cv(*WEAK_BASELINE)
-    cnn_parent, _ = _cv(*GOOD_CNN, "tracking.log_model=false")
+    untried = train(make_cfg(*data, *GOOD_CNN, "model.lr=0.002", "trainer.max_epochs=1", *register))
+    assert not untried["registry"]["registered"]
+    assert "no complete CV sweep" in untried["registry"]["reason"]
     result = train(make_cfg(*data, *GOOD_CNN, *register), [])
     r = result["registry"]
     assert r["registered"], r["reason"]
     assert "mean paired difference +" in r["reason"] and "over 3 folds" in r["reason"]
-    mv = champion.current(MlflowClient(store), "gear", "champion")
-    assert mv.tags["equip.cv_parent_run_id"] == cnn_parent and mv.tags["equip.gate"] == "cv"
+    mv = champion.current(MlflowClient(uri), "gear", "champion")
+    assert mv.tags["equip.cv_parent_run_id"] == parent.info.run_id and mv.tags["equip.gate"] == "cv"
     assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
-    from equip.config.checks import check_config
-
     with pytest.raises(EquipError, match="final_fit=true has no validation score"):
         check_config(make_cfg("final_fit=true", "registry.enabled=true"))
