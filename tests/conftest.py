@@ -354,6 +354,12 @@ def sweep(*args: str, cwd: Path, env_uri: str | None = None, wait: bool = True):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def sweep_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python train.py -m FAST ARGS` in this process (see train_in_process): Hydra's real
+    multirun, sweeper and launcher, without an interpreter start."""
+    return train_in_process(["-m", *FAST, *args], cwd)
+
+
 def parent_and_children(client: MlflowClient):
     [parent] = client.search_runs(["1"], "tags.`equip.sweep_key` != ''")
     children = client.search_runs(

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import freeze_when, parent_and_children, sweep
+from tests.conftest import freeze_when, parent_and_children, sweep, sweep_in_process
 
 
 def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path, store: str):
-    proc = sweep("model.filters=[8],[8,16]", "model.lr=0.001,0.01", cwd=tmp_path)
+    proc = sweep_in_process("model.filters=[8],[8,16]", "model.lr=0.001,0.01", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent, children = parent_and_children(client)
@@ -48,7 +49,7 @@ def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path, sto
 
 
 def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Path):
-    proc = sweep("model.filters=[8],[8,8,8,8,8,8]", "model.lr=0.001,-1", cwd=tmp_path)
+    proc = sweep_in_process("model.filters=[8],[8,8,8,8,8,8]", "model.lr=0.001,-1", cwd=tmp_path)
     assert proc.returncode == 2
     err = proc.stderr
     assert "3 sweep point(s) are invalid" in err
@@ -59,7 +60,7 @@ def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Pat
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, store: str):
     # val_fraction=0.01 passes the config checks but leaves classes without validation images.
-    proc = sweep("data.val_fraction=0.25,0.01,0.3", cwd=tmp_path)
+    proc = sweep_in_process("data.val_fraction=0.25,0.01,0.3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FINISHED", "FAILED", "FINISHED"]
@@ -136,7 +137,7 @@ def test_joblib_with_two_workers_loses_nothing_over_http(tmp_path: Path, mlflow_
 
 
 def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path, store: str):
-    proc = sweep(
+    proc = sweep_in_process(
         "model.lr=0.001,0.00000001",
         "data.per_class=24",
         "trainer.max_epochs=4",
@@ -159,6 +160,7 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path, store: str):
 
 
 def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path, store: str):
+    # A real process: the parent is ended as the process exits (atexit), not in-process.
     proc = sweep(
         "data.val_fraction=0.25,0.01,0.3", "multirun.continue_on_failure=false", cwd=tmp_path
     )
@@ -169,14 +171,14 @@ def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path, stor
 
 
 def test_baseline_grids_are_validated_and_run(tmp_path: Path, store: str):
-    proc = sweep("model=baseline", "model.estimator=logreg,random_forest", cwd=tmp_path)
+    proc = sweep_in_process("model=baseline", "model.estimator=logreg,random_forest", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
 
 
 def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path, store: str):
-    proc = sweep(
+    proc = sweep_in_process(
         "sweep=learning_rate", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,11 +187,16 @@ def test_optuna_sweep_runs_its_trials_under_one_parent(tmp_path: Path, store: st
     assert parent.info.run_name.startswith("sweep learning_rate")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert parent.data.tags["equip.swept_keys"] == "model.lr,model.weight_decay,data.batch_size"
+    # The study was given each trial's monitored metric: its best is the best child's.
+    results = Path(parent.data.tags["equip.sweep_dir"]) / "optimization_results.yaml"
+    best = yaml.safe_load(results.read_text())["best_value"]
+    monitor = "best_val_acc"  # trainer.monitor=val_acc, higher is better
+    assert best == pytest.approx(max(c.data.metrics[monitor] for c in children))
 
 
 def test_a_failing_optuna_trial_does_not_stop_the_study(tmp_path: Path, store: str):
     # val_fraction=0.01 leaves classes without validation images: every trial fails at the split.
-    proc = sweep(
+    proc = sweep_in_process(
         "sweep=learning_rate", "hydra.sweeper.n_trials=2", "data.val_fraction=0.01", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
