@@ -31,6 +31,16 @@ def say(*parts: Part) -> None:
     console.print(Text.assemble(*parts))
 
 
+def fail_if_refused(error: BaseException) -> None:
+    """One line and exit when `error` is the tracking store refusing equip's credentials or a
+    request (equip.track.refusals); otherwise nothing: the caller goes on with the error."""
+    from equip.track.refusals import store_refusal
+
+    refused = store_refusal(error)
+    if refused is not None:
+        fail(*refused)
+
+
 def fail(message: str, code: int, details: Iterable[str] = ()) -> NoReturn:
     """`equip: error: <message>` (secrets cut out) and any detail lines, then exit with `code`
     (2: bad input, 3: the store went away, 1: unexpected)."""
