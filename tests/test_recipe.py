@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from equip.data.images import load_images
 from equip.data.split import fold_split, split_groups
 from equip.errors import EquipError
+from equip.track import champion
 from tests.conftest import make_cfg, parent_and_children, sweep
 
 
@@ -300,18 +301,6 @@ WEAK_BASELINE = [
 ]
 
 
-def test_search_literals_find_values_with_backslashes_and_quotes(store: str):
-    from equip.track.schema import literal
-
-    client = MlflowClient(store)
-    exp = client.create_experiment("literals")
-    for value in (r"^(\d+)[x_]", "it's", 'say "x"', "plain"):
-        run = client.create_run(exp)
-        client.log_param(run.info.run_id, "p", value)
-        [found] = client.search_runs([exp], f"params.p = {literal(value)}")
-        assert found.info.run_id == run.info.run_id, value
-
-
 def _cv(*overrides: str) -> tuple[str, list[dict]]:
     """A CV sweep run in-process: a parent run and one child per fold, as sweep=cv makes."""
     from equip.sweep.context import JobContext
@@ -375,7 +364,7 @@ def test_registry_cv_gate_pairs_folds_with_the_baseline(store: str):
     r = result["registry"]
     assert r["registered"], r["reason"]
     assert "mean paired difference +" in r["reason"] and "over 3 folds" in r["reason"]
-    mv = MlflowClient(store).get_model_version_by_alias("gear", "champion")
+    mv = champion.current(MlflowClient(store), "gear", "champion")
     assert mv.tags["equip.cv_parent_run_id"] == cnn_parent and mv.tags["equip.gate"] == "cv"
     assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
     from equip.config.checks import check_config

@@ -1,4 +1,5 @@
-"""Baseline runs, the registration gate, the champion alias, and using the registered model."""
+"""Baseline runs, the registration gate, the champion (a version tag), and using the
+registered model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from equip.champion import main as champion_main
 from equip.data.synthetic import CLASSES
+from equip.errors import EquipError
+from equip.serve.predict import model_location
+from equip.track import champion
 from equip.train.run import train
 from tests.conftest import GEAR, free_port, make_cfg, write_pngs
 
@@ -56,8 +61,8 @@ def test_baseline_is_logged_like_a_cnn_run(store: str):
     assert r.data.tags["equip.data_fingerprint"] == r.data.params["dataset.fingerprint"]
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
     assert {"eval/per_class_metrics.csv", "eval/confusion_matrix.png"} <= arts
-    [model] = client.search_logged_models([r.info.experiment_id])
-    assert model.source_run_id == r.info.run_id
+    assert result["model_uri"] == f"runs:/{r.info.run_id}/model"  # the run's own artifacts
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(r.info.run_id, "model")}
 
 
 def decision(store: str, run_id: str) -> dict[str, str]:
@@ -89,12 +94,17 @@ def test_a_cnn_that_beats_the_baseline_is_registered_as_champion(store: str):
     d = decision(store, result["run_id"])
     assert d["decision"] == "registered" and d["version"] == "1"
     client = MlflowClient(store)
-    mv = client.get_model_version_by_alias("gear", "champion")
+    mv = champion.current(client, "gear", "champion")
     assert str(mv.version) == "1" and mv.tags["equip.baseline_run_id"] == base["run_id"]
-    assert float(mv.tags["equip.margin"]) > 0
+    assert mv.tags["equip.champion"] == "true" and float(mv.tags["equip.margin"]) > 0
+    assert client.get_registered_model("gear").aliases == {}  # no alias: a workspace has none
+    # Registered from the run's artifacts (runs:/), not from an MLflow 3 logged model.
+    assert mv.run_id == result["run_id"] and mv.source.endswith(
+        f"{result['run_id']}/artifacts/model"
+    )
 
 
-def test_champion_alias_moves_only_to_a_better_model(store: str):
+def test_the_champion_moves_only_to_a_better_model(store: str):
     no_gate = [*REGISTER, "registry.require_baseline=false"]
     weak = run(*BAD_CNN, *no_gate)
     strong = run(*GOOD_CNN, *no_gate)
@@ -102,8 +112,14 @@ def test_champion_alias_moves_only_to_a_better_model(store: str):
     assert weak["registry"]["champion"] and strong["registry"]["champion"]
     assert weak_again["registry"]["registered"] and not weak_again["registry"]["champion"]
     client = MlflowClient(store)
-    assert str(client.get_model_version_by_alias("gear", "champion").version) == "2"
-    assert len(client.search_model_versions("name='gear'")) == 3
+    assert "the current champion (version 2) scores" in weak_again["registry"]["reason"]
+    versions = client.search_model_versions("name='gear'")
+    assert len(versions) == 3
+    assert [str(v.version) for v in versions if "equip.champion" in v.tags] == ["2"]
+    # equip.predict and equip.champion read models:/NAME@champion as that version, on any store.
+    assert model_location("models:/gear@champion") == "models:/gear/2"
+    with pytest.raises(EquipError, match="no version of registered model 'nope' is tagged"):
+        model_location("models:/nope@champion")
 
 
 def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
@@ -157,8 +173,13 @@ def post(port: int, body: dict) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
+def test_mlflow_models_serve_answers_a_posted_image(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     run(*GOOD_CNN, *REGISTER, "registry.require_baseline=false")
+    assert champion_main(["gear", "--tracking-uri", store]) == 0
+    champion_uri = capsys.readouterr().out.strip()
+    assert champion_uri == "models:/gear/1"  # what `mlflow models serve -m` is given
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     server = subprocess.Popen(
@@ -169,7 +190,7 @@ def test_mlflow_models_serve_answers_a_posted_image(store: str, tmp_path: Path):
             "models",
             "serve",
             "-m",
-            "models:/gear@champion",
+            champion_uri,
             "--env-manager",
             "local",
             "-h",

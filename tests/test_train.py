@@ -49,18 +49,19 @@ def test_train_records_a_complete_run(store: str):
         "eval/confusion_matrix.csv",
         "eval/learning_curves.png",
         "checkpoints/best.ckpt",
+        "model/MLmodel",  # the model is the run's artifacts, not an MLflow 3 logged model
     } <= artifacts(client, run.info.run_id)
+    assert client.search_logged_models([run.info.experiment_id]) == []
     manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split.csv").splitlines()
     assert manifest[0] == "path,sha256,class,split" and len(manifest) == 1 + 12 * 8
 
     # The logged model is a pyfunc that takes image files and agrees with the best checkpoint.
-    [logged] = client.search_logged_models([run.info.experiment_id])
-    assert logged.source_run_id == run.info.run_id
-    pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+    model_uri = f"runs:/{run.info.run_id}/model"
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
     files = write_pngs(Path("imgs"), 6)
     with pytest.raises(MlflowException, match="row 0: not base64.*file paths are off"):
         pyfunc.predict(pd.DataFrame({"image": [str(files[0])]}))  # paths need an image root
-    pyfunc = mlflow.pyfunc.load_model(logged.model_uri, model_config={"image_root": "imgs"})
+    pyfunc = mlflow.pyfunc.load_model(model_uri, model_config={"image_root": "imgs"})
     ckpt_file = mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/checkpoints/best.ckpt"
     )

@@ -10,7 +10,7 @@ from typing import Any
 from equip.errors import EquipError
 from equip.sweep.leaderboard import leaderboard, print_board
 from equip.terminal import fail, fail_if_refused
-from equip.track import schema, store
+from equip.track import queries, schema, store
 from equip.track.redaction import strip_secrets
 
 
@@ -56,19 +56,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str
     parent = args.parent
     if parent == "latest":
         exp = client.get_experiment_by_name(args.experiment)
-        runs = (
-            client.search_runs(
-                [exp.experiment_id],
-                schema.sweep_parents(),
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if exp
-            else []
-        )
-        if not runs:
+        # The newest run with a sweep key (the workspace has no != on tags to ask for it).
+        is_parent = queries.has_tag(schema.SWEEP_KEY)
+        newest = queries.first_run(client, [exp.experiment_id], keep=is_parent) if exp else None
+        if newest is None:
             raise EquipError(f"no sweep in experiment {args.experiment!r} at {uri}.")
-        parent = runs[0].info.run_id
+        parent = newest.info.run_id
     try:
         run = client.get_run(parent)
     except MlflowException:

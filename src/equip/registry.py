@@ -1,8 +1,9 @@
 """Gated registration: a model enters the registry only if it beats the classical baseline,
 on the hold-out split (registry.gate=holdout) or fold by fold in cross-validation (gate=cv).
 
-The same MLflow registry calls work against a local database store and an Azure ML workspace;
-where a registry has no aliases (Azure ML), the champion is marked with a version tag instead.
+The same MLflow requests go to a local database store, an MLflow server and an Azure ML
+workspace: runs are found through `equip.track.queries`, and the champion is a version tag
+(`equip.track.champion`), as the workspace's registry has no aliases.
 """
 
 from __future__ import annotations
@@ -12,35 +13,19 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from equip.track import schema
+from equip.sweep.context import split_key
+from equip.track import champion, queries, schema
 
 log = logging.getLogger(__name__)
 
 
 def best_baseline(client, experiment_id: str, cfg: DictConfig, fingerprint: str):
-    """The best FINISHED baseline run on the same data fingerprint and the same split."""
-    d = cfg.data
-    pattern = schema.literal("null" if d.group_pattern is None else str(d.group_pattern))
-    same_split = (
-        f"params.`data.split_seed` = '{d.split_seed}' and "
-        f"params.`data.val_fraction` = '{d.val_fraction}' and "
-        f"params.`data.test_fraction` = '{d.test_fraction}' and "
-        f"params.`data.group_pattern` = {pattern} and "
-        f"params.`data.folds` = '{_param(d.folds)}' and "
-        f"params.`data.fold` = '{d.fold}'"
-    )
-    runs = client.search_runs(
-        [experiment_id],
-        f"params.`model.name` = 'baseline' and tags.`{schema.DATA_FINGERPRINT}` = '{fingerprint}' "
-        f"and {same_split} and attributes.status = 'FINISHED'",
-        order_by=[f"metrics.`{cfg.registry.metric}` DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def _param(value) -> str:
-    return "null" if value is None else str(value)
+    """The best FINISHED baseline run on the same data fingerprint and the same split (ranked
+    here: the Azure ML workspace orders runs by no metric and filters on no status)."""
+    where = queries.baseline_runs(fingerprint, split_key(cfg))
+    runs = queries.search_runs(client, [experiment_id], where, queries.has_status("FINISHED"))
+    metric = cfg.registry.metric
+    return max(runs, key=lambda r: r.data.metrics.get(metric, float("-inf")), default=None)
 
 
 def register_if_better(
@@ -90,6 +75,7 @@ def _register(
     tags = {
         "equip.run_id": run_id,
         f"equip.{reg.metric}": f"{score:.6f}",
+        schema.SCORE: f"{score:.6f}",  # what the champion is ranked by
         "equip.data_fingerprint": fingerprint,
         "equip.gate": str(reg.gate),
         **gate.get("tags", {}),
@@ -98,21 +84,20 @@ def _register(
 
 
 def _crown(client, reg: DictConfig, version: str, score: float, decision: dict[str, Any]) -> None:
-    """Move the champion alias to `version` when it beats the current champion."""
-    from mlflow.exceptions import MlflowException
-
-    champion = _champion_score(client, reg)
-    if champion is None or score > champion:
-        try:
-            client.set_registered_model_alias(reg.name, reg.alias, version)
-        except MlflowException:  # registries without aliases (Azure ML): move a version tag
-            for old in _tagged_champions(client, reg):
-                client.delete_model_version_tag(reg.name, old.version, reg.alias)
-            client.set_model_version_tag(reg.name, version, reg.alias, "true")
-        decision["champion"] = True
-    else:
+    """`version` becomes the champion (a version tag, equip.track.champion) when it beats the
+    current one (registry.alias=null: no champion is marked)."""
+    if reg.alias is None:
         decision["champion"] = False
-        decision["reason"] += f"; the current {reg.alias} scores {champion:.4f}, alias unchanged"
+        return
+    holder = champion.current(client, reg.name, reg.alias)
+    if holder is not None and not score > champion.score_of(holder):
+        decision["champion"] = False
+        decision["reason"] += (
+            f"; the current {reg.alias} (version {holder.version}) scores "
+            f"{champion.score_of(holder):.4f}, unchanged"
+        )
+        return
+    decision["champion"] = champion.crown(client, reg.name, reg.alias, version)
 
 
 def _holdout_gate(
@@ -193,26 +178,6 @@ def _cv_gate(
             "equip.margin_se": f"{d['se']:.6f}",
         },
     }
-
-
-def _tagged_champions(client, reg: DictConfig) -> list:
-    versions = client.search_model_versions(f"name='{reg.name}'")
-    return [v for v in versions if v.tags.get(reg.alias) == "true"]
-
-
-def _champion_score(client, reg: DictConfig) -> float | None:
-    """Score of the current alias holder (or, without aliases, of the tagged version)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = client.get_model_version_by_alias(reg.name, reg.alias)
-    except MlflowException:
-        tagged = _tagged_champions(client, reg)
-        if not tagged:
-            return None
-        mv = tagged[0]
-    value = mv.tags.get(f"equip.{reg.metric}")
-    return float(value) if value is not None else None
 
 
 def _record(client, run_id: str, decision: dict[str, Any]) -> dict[str, Any]:

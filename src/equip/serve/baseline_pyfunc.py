@@ -10,7 +10,6 @@ sklearn flavour stays one `mlflow.sklearn.load_model` away.
 from __future__ import annotations
 
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from equip.serve.pyfunc import (
     as_client_error,
     as_frame,
     decode_images,
+    log_run_model,
     model_signature,
     read_images,
 )
@@ -64,11 +64,8 @@ def log_baseline_pyfunc(pipeline, classes: list[str], image_size: int) -> str:
     """Log the fitted pipeline as the run's `model`, a raw-image pyfunc; returns its URI."""
     import mlflow.sklearn
 
-    import equip
     from equip.model.baseline import TRUSTED_SKLEARN_TYPES
 
-    signature = model_signature(classes)
-    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
     names = ["mlflow", "scikit-learn", "scikit-image", "skops", "pillow", "numpy", "pandas"]
     requirements = [f"{n}=={metadata.version(n)}" for n in names]
     with tempfile.TemporaryDirectory(prefix="equip-baseline-") as tmp:
@@ -76,14 +73,11 @@ def log_baseline_pyfunc(pipeline, classes: list[str], image_size: int) -> str:
         mlflow.sklearn.save_model(
             pipeline, path, skops_trusted_types=TRUSTED_SKLEARN_TYPES, pip_requirements=requirements
         )
-        info = mlflow.pyfunc.log_model(
-            name="model",
+        return log_run_model(
             python_model=BaselineImageModel(),
             artifacts={"pipeline": path},
             model_config={"classes": list(classes), "image_size": image_size, "image_root": ""},
-            code_paths=[str(Path(equip.__file__).parent)],  # loads without equip installed
-            signature=signature,
+            signature=model_signature(classes),
             pip_requirements=requirements,
             metadata={"classes": list(classes), "image_size": image_size},
         )
-    return info.model_uri

@@ -2,10 +2,11 @@
 
     python -m equip.predict model=models:/equip-gear@champion images=PATH [output=predictions.csv]
 
-`model` is a registered model URI (models:/NAME@ALIAS, models:/NAME/VERSION), a run (runs:/ID/model
-or just the run id) or a local Lightning checkpoint (.ckpt). `images` is a file or a folder; when
-the folder is a class-per-folder tree whose names are the model's classes, accuracy is printed.
-Options are key=value pairs (OmegaConf dotlist), like train.py's overrides.
+`model` is a registered model (models:/NAME/VERSION, or models:/NAME@champion for the version
+equip tagged champion), a run (runs:/ID/model or just the run id) or a local Lightning
+checkpoint (.ckpt). `images` is a file or a folder; when the folder is a class-per-folder tree
+whose names are the model's classes, accuracy is printed. Options are key=value pairs
+(OmegaConf dotlist), like train.py's overrides.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DEFAULTS = {
     "show": 30,
 }
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+TAGGED = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
 
 def find_images(path: Path) -> list[Path]:
@@ -59,9 +61,8 @@ def load_predictor(model: str):
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    uri = f"runs:/{model}/model" if RUN_ID.match(model) else model
     try:
-        return mlflow.pyfunc.load_model(uri).predict
+        return mlflow.pyfunc.load_model(model_location(model)).predict
     except (MlflowException, OSError) as e:
         if store_refusal(e) is not None:
             raise  # the store said no: main() says which request, in one line
@@ -69,6 +70,27 @@ def load_predictor(model: str):
             f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
             f"{str(e).splitlines()[0]}"
         ) from None
+
+
+def model_location(model: str) -> str:
+    """What MLflow loads for `model=`, found with requests every store answers (an Azure ML
+    workspace too): a run's model is read from the run's artifact folder (loading a runs:/ URI
+    makes MLflow 3 search its logged models), and models:/NAME@ALIAS is the version tagged
+    equip.ALIAS=true (equip.track.champion: registries need not have aliases)."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.tracking.artifact_utils import get_artifact_uri
+
+    from equip.track.champion import champion_uri
+
+    if RUN_ID.match(model):
+        model = f"runs:/{model}/model"
+    if model.startswith("runs:/"):
+        return get_artifact_uri(*RunsArtifactRepository.parse_runs_uri(model))
+    tagged = TAGGED.match(model)
+    if tagged:
+        return champion_uri(MlflowClient(), tagged["name"], tagged["alias"])
+    return model
 
 
 def predict_files(predict, files: list[Path], chunk: int = 256):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import tempfile
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
@@ -175,21 +176,43 @@ def model_signature(classes: Sequence[str]) -> ModelSignature:
     return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
 
-def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
-    """Log the checkpoint as the run's `model` (a pyfunc); returns its model URI."""
+MODEL_FOLDER = "model"  # the run's artifact folder that holds its MLflow model
+
+
+def log_run_model(**save_kwargs: Any) -> str:
+    """Save a pyfunc (equip's code inside) as the active run's `model` artifacts; returns
+    runs:/RUN_ID/model.
+
+    Not mlflow.pyfunc.log_model: in MLflow 3 that makes a logged model (create_logged_model,
+    and registering or loading it searches logged models), APIs an Azure ML workspace does not
+    list as supported. A model folder among the run's artifacts is registered from its runs:/
+    URI and loaded from the version's source on every store."""
+    from mlflow.models import Model
+
     import equip
 
-    signature = model_signature(classes)
     # No input_example: it would need a real photo, and MLflow warns about its absence.
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-    info = mlflow.pyfunc.log_model(
-        name="model",
+    run_id = mlflow.active_run().info.run_id
+    with tempfile.TemporaryDirectory(prefix="equip-model-") as tmp:
+        path = Path(tmp) / MODEL_FOLDER
+        mlflow.pyfunc.save_model(
+            path,
+            mlflow_model=Model(artifact_path=MODEL_FOLDER, run_id=run_id),
+            code_paths=[str(Path(equip.__file__).parent)],  # loads without equip installed
+            **save_kwargs,
+        )
+        mlflow.log_artifacts(str(path), MODEL_FOLDER)
+    return f"runs:/{run_id}/{MODEL_FOLDER}"
+
+
+def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
+    """Log the checkpoint as the run's `model` (a pyfunc); returns its model URI."""
+    return log_run_model(
         python_model=ImageClassifierModel(),
         artifacts={"checkpoint": checkpoint},
-        code_paths=[str(Path(equip.__file__).parent)],  # the model loads without equip installed
-        signature=signature,
+        signature=model_signature(classes),
         pip_requirements=_requirements(),
         metadata={"classes": classes, "image_size": image_size},
         model_config={"image_root": ""},  # declared, so a load or a server can set it
     )
-    return info.model_uri

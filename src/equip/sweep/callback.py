@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from equip.errors import EquipError
 from equip.sweep import context
 from equip.terminal import fail, say
+from equip.track import queries, schema, store
 from equip.track import record as tracking
-from equip.track import schema, store
 from equip.track.redaction import redact_overrides, strip_secrets
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def resume_parent(client: Any, exp_id: str, parent: Any) -> str:
     for k, v in store.process_tags().items():  # this process runs it now
         client.set_tag(parent_id, k, v)
     # Jobs still RUNNING were cut off with the sweep (a killed process cannot say so).
-    for run in client.search_runs([exp_id], schema.children_of(parent_id, "RUNNING")):
+    running = queries.has_status("RUNNING")
+    for run in queries.search_runs(client, [exp_id], queries.children_of(parent_id), running):
         client.set_tag(run.info.run_id, schema.ERROR, "interrupted; rerun on resume")
         client.set_terminated(run.info.run_id, "KILLED")
     say(
@@ -190,11 +191,9 @@ class SweepTracker(Callback):
         client = MlflowClient()
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         self.started = time.time()
-        previous = client.search_runs(
-            [exp_id], schema.sweep_parents(key), order_by=["attributes.start_time DESC"]
-        )
-        if config.multirun.resume and previous:
-            self.parent_id = resume_parent(client, exp_id, previous[0])
+        previous = queries.first_run(client, [exp_id], queries.sweep_parent(key))
+        if config.multirun.resume and previous is not None:
+            self.parent_id = resume_parent(client, exp_id, previous)
         else:
             self.parent_id = new_parent(client, exp_id, config, key, sweep_dir)
         client.set_tag(self.parent_id, schema.LAST_SWEEP_DIR, sweep_dir)

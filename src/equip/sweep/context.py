@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from equip.runtime import cpu_count
-from equip.track import schema
+from equip.track import queries, schema
 from equip.track.record import config_params
 
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
@@ -127,11 +127,29 @@ def cv_key(cfg: DictConfig, data_fingerprint: str) -> str:
     return hashlib.sha256(repr([data_fingerprint, keep]).encode()).hexdigest()[:16]
 
 
+def split_key(cfg: DictConfig) -> str:
+    """Identity of a run's split (seed, fractions, groups, fold): the hold-out gate compares a
+    run with baselines on the same one. A tag of its own, as the Azure ML workspace searches
+    no dotted param names (equip.track.queries)."""
+    d = cfg.data
+    split = [d.split_seed, d.val_fraction, d.test_fraction, d.group_pattern, d.folds, d.fold]
+    return _hash([*split, cfg.final_fit])
+
+
+def folds_key(cfg: DictConfig) -> str:
+    """Identity of the folds a CV is over (seed, groups, count), whichever fold a run is: the
+    CV gate pairs a config's folds with the baseline's on the same ones."""
+    d = cfg.data
+    return _hash([d.split_seed, d.group_pattern, d.folds])
+
+
+def _hash(values: list) -> str:
+    return hashlib.sha256(repr([str(v) for v in values]).encode()).hexdigest()[:16]
+
+
 def finished_twin(experiment_id: str, parent_id: str, cfg_hash: str):
     """A FINISHED child of this parent with the same config, if any (for resume)."""
     from mlflow import MlflowClient
 
-    runs = MlflowClient().search_runs(
-        [experiment_id], schema.children_of(parent_id, "FINISHED", cfg_hash), max_results=1
-    )
-    return runs[0] if runs else None
+    where = queries.children_of(parent_id, {schema.CONFIG_HASH: cfg_hash})
+    return queries.first_run(MlflowClient(), [experiment_id], where, queries.has_status("FINISHED"))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from omegaconf import DictConfig
 
-from equip.track import schema
+from equip.track import queries, schema
 
 if TYPE_CHECKING:
     from equip.data.images import ImageSet
@@ -28,8 +28,7 @@ class CvResult:
     scores: dict[int, float]  # fold -> metric of the fold's selected model
     best_epochs: dict[int, float]  # fold -> its selected epoch (0-based), CNN runs only
     folds: int
-    split_seed: str
-    group_pattern: str
+    folds_key: str  # the folds it is over (equip.sweep.context.folds_key)
 
     @property
     def mean(self) -> float:
@@ -37,14 +36,14 @@ class CvResult:
 
 
 def _fold_runs(client, experiment_id: str, where: str) -> dict[str, list]:
-    """FINISHED fold runs matching `where`, grouped by their sweep's parent run id."""
-    runs = client.search_runs(
-        [experiment_id],
-        f"{where} and params.`data.folds` != 'null' and attributes.status = 'FINISHED'",
-        max_results=5000,
-    )
+    """FINISHED fold runs matching `where`, grouped by their sweep's parent run id (the status
+    and the fold are checked here: the Azure ML workspace filters on neither)."""
+
+    def finished_fold(run) -> bool:
+        return run.info.status == "FINISHED" and run.data.params.get("data.folds", "null") != "null"
+
     by_parent: dict[str, list] = {}
-    for r in runs:
+    for r in queries.iter_runs(client, [experiment_id], where, finished_fold):
         parent = r.data.tags.get(schema.PARENT)
         if parent:
             by_parent.setdefault(parent, []).append(r)
@@ -63,16 +62,13 @@ def _result(parent_id: str, runs: list, metric: str) -> CvResult | None:
         for r in runs
         if "best_epoch" in r.data.metrics
     }
-    return CvResult(
-        parent_id, scores, epochs, folds, p["data.split_seed"], p.get("data.group_pattern", "null")
-    )
+    return CvResult(parent_id, scores, epochs, folds, runs[0].data.tags.get(schema.FOLDS_KEY, ""))
 
 
 def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult | None:
     """The newest complete CV sweep of the config with this CV key."""
     found = []
-    where = f"tags.`{schema.CV_KEY}` = {schema.literal(cv_key)}"
-    for parent, runs in _fold_runs(client, experiment_id, where).items():
+    for parent, runs in _fold_runs(client, experiment_id, queries.config_runs(cv_key)).items():
         result = _result(parent, runs, metric)
         if result is not None:
             found.append((max(r.info.start_time for r in runs), result))
@@ -83,13 +79,7 @@ def baseline_cv(
     client, experiment_id: str, fingerprint: str, like: CvResult, metric: str
 ) -> CvResult | None:
     """The strongest complete baseline CV on the same data and the same folds as `like`."""
-    where = (
-        f"params.`model.name` = 'baseline' and "
-        f"tags.`{schema.DATA_FINGERPRINT}` = {schema.literal(fingerprint)} and "
-        f"params.`data.folds` = '{like.folds}' and "
-        f"params.`data.split_seed` = {schema.literal(like.split_seed)} and "
-        f"params.`data.group_pattern` = {schema.literal(like.group_pattern)}"
-    )
+    where = queries.baseline_folds(fingerprint, like.folds_key)
     results = [
         _result(parent, runs, metric)
         for parent, runs in _fold_runs(client, experiment_id, where).items()

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from equip.sweep._board_files import cell, html_table, parallel_plot
 from equip.terminal import report
+from equip.track import queries, schema
 from equip.track import record as tracking
-from equip.track import schema
 
 METRICS = schema.FINAL_METRICS
 CV_KEY = "data.fold"  # a sweep over only this key is a cross-validation
@@ -28,8 +28,8 @@ def leaderboard(parent_id: str) -> tuple[Any, list[dict[str, Any]], list[str]]:
 
     client = MlflowClient()
     parent = client.get_run(parent_id)
-    children = client.search_runs(
-        [parent.info.experiment_id], schema.children_of(parent_id), max_results=5000
+    children = queries.search_runs(
+        client, [parent.info.experiment_id], queries.children_of(parent_id)
     )
     keys = [k for k in parent.data.tags.get(schema.SWEPT_KEYS, "").split(",") if k]
     rows = [board_row(r, keys) for r in children]

@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from equip.track import schema
+from equip.track import queries, schema
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,8 @@ def reap_stale_runs(experiment_id: str, stale_after_s: float = 1800) -> list[str
 
     client = MlflowClient()
     host, now, reaped = socket.gethostname(), time.time(), []
-    for run in client.search_runs(
-        [experiment_id], "attributes.status = 'RUNNING'", max_results=1000
-    ):
+    # Every run is read (status is checked here: the Azure ML workspace filters on no attribute).
+    for run in queries.iter_runs(client, [experiment_id], keep=queries.has_status("RUNNING")):
         t = run.data.tags
         if schema.PID not in t:
             continue  # not ours (or from before equip recorded processes)

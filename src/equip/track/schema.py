@@ -1,4 +1,5 @@
-"""What equip writes into MLflow besides params: tag names, run-search filters and limits.
+"""What equip writes into MLflow besides params: tag names and limits (the searches over
+them are `queries`).
 
 One place, so a tag is spelled the same by the job that writes it and the report that reads it.
 """
@@ -17,6 +18,8 @@ DATA_SOURCE = "equip.data_source"  # decoded | disk-cache | memory
 CONFIG_HASH = "equip.config_hash"  # identity of a job: resumed sweeps skip FINISHED twins
 MODEL_KIND = "equip.model_kind"
 CV_KEY = "equip.cv_key"  # a config's identity bar its split: a CV sweep and its final fit share it
+SPLIT_KEY = "equip.split_key"  # the exact split (seed, fractions, groups, folds, fold): gates
+FOLDS_KEY = "equip.folds_key"  # the folds a CV is over (seed, groups, count): the CV gate
 FINAL_FIT = "equip.final_fit"  # 'true' on a model retrained on every image (final_fit=true)
 CV_PARENT = "equip.cv_parent_run_id"  # the CV sweep whose estimate a final fit carries
 ERROR = "equip.error"  # why a run ended FAILED or KILLED
@@ -48,6 +51,15 @@ CV_SUMMARY = "equip.cv_summary"  # 'k-fold CV (mean ± std): ...' of a sweep ove
 REGISTRY_DECISION = "equip.registry.decision"
 REGISTRY_REASON = "equip.registry.reason"
 REGISTRY_VERSION = "equip.registry.version"
+
+# ---------------------------------------------------------------- tags of a registered version
+SCORE = "equip.score"  # registry.metric of the version, as the gate ranked it
+
+
+def champion_tag(alias: str) -> str:
+    """The version tag ('true') that marks the champion: registries need not have aliases."""
+    return f"equip.{alias}"
+
 
 # Final metrics of the selected model, the same names for CNN and baseline runs.
 FINAL_METRICS = ("best_val_acc", "best_val_macro_f1", "best_val_loss")
@@ -84,27 +96,3 @@ def is_identity_key(key: str) -> bool:
 
 def truncate(text: str, limit: int = MAX_TAG_VALUE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def literal(value: str) -> str:
-    """A string literal for an MLflow search filter. MLflow takes what is between the quotes
-    as it is (no escapes: a regex's backslash stays one), so a value holding ' is double-quoted;
-    one holding both kinds of quote cannot be searched for."""
-    return f'"{value}"' if "'" in value else f"'{value}'"
-
-
-def children_of(parent_id: str, status: str | None = None, config_hash: str | None = None) -> str:
-    """Filter for the child runs of a sweep's parent, optionally one status / one config."""
-    parts = [f"tags.{PARENT} = {literal(parent_id)}"]
-    if config_hash is not None:
-        parts.append(f"tags.`{CONFIG_HASH}` = {literal(config_hash)}")
-    if status is not None:
-        parts.append(f"attributes.status = '{status}'")
-    return " and ".join(parts)
-
-
-def sweep_parents(sweep_key: str | None = None) -> str:
-    """Filter for sweep parent runs (all of them, or the one sweep with `sweep_key`)."""
-    if sweep_key is None:
-        return f"tags.`{SWEEP_KEY}` != ''"
-    return f"tags.`{SWEEP_KEY}` = {literal(sweep_key)}"

@@ -8,8 +8,8 @@ import time
 import pytorch_lightning as pl
 
 from equip.sweep.context import MedianStop
+from equip.track import queries, schema
 from equip.track import record as tracking
-from equip.track import schema
 
 
 class EpochMetrics(pl.Callback):
@@ -73,8 +73,11 @@ class MedianStopping(pl.Callback):
         from mlflow import MlflowClient
 
         client = MlflowClient()
-        siblings = client.search_runs(
-            [self.experiment_id], schema.children_of(self.parent_id, "FINISHED")
+        siblings = queries.search_runs(
+            client,
+            [self.experiment_id],
+            queries.children_of(self.parent_id),
+            queries.has_status("FINISHED"),
         )
         for s in siblings:
             if s.info.run_id not in self._histories:

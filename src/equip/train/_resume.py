@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from equip.errors import EquipError
 from equip.sweep.context import JobContext, finished_twin
-from equip.track import schema
+from equip.track import queries, schema
 from equip.train._checkpoints import LAST, checkpoint_dir
 
 if TYPE_CHECKING:
@@ -56,10 +56,8 @@ def find_run(cfg: DictConfig, experiment_id: str, cfg_hash: str) -> str:
     client = MlflowClient()
     wanted = str(cfg.resume)
     if wanted == "last":
-        runs = client.search_runs(
-            [experiment_id], order_by=["attributes.start_time DESC"], max_results=50
-        )
-        ids = [r.info.run_id for r in runs if r.info.status in UNFINISHED]
+        newest = queries.search_runs(client, [experiment_id], limit=50)
+        ids = [r.info.run_id for r in newest if r.info.status in UNFINISHED]
         found = [i for i in ids if (checkpoint_dir(cfg, i) / LAST).exists()]
         if not found:
             raise EquipError(
@@ -99,12 +97,11 @@ def unfinished_twin(cfg: DictConfig, experiment_id: str, parent_id: str, cfg_has
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    where = queries.children_of(parent_id, {schema.CONFIG_HASH: cfg_hash})
+    runs = queries.search_runs(client, [experiment_id], where)
     for status in ("KILLED", "FAILED"):
-        flt = schema.children_of(parent_id, status, cfg_hash)
-        for run in client.search_runs(
-            [experiment_id], flt, order_by=["attributes.start_time DESC"]
-        ):
-            if (checkpoint_dir(cfg, run.info.run_id) / LAST).exists():
+        for run in runs:
+            if run.info.status == status and (checkpoint_dir(cfg, run.info.run_id) / LAST).exists():
                 return run.info.run_id
     return None
 

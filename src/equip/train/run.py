@@ -26,7 +26,7 @@ from equip.data.images import ImageSet, load_images
 from equip.data.split import split_manifest
 from equip.registry import register_if_better
 from equip.runtime import apply_fast_path, exit_with
-from equip.sweep.context import JobContext, config_hash, cv_key
+from equip.sweep.context import JobContext, config_hash, cv_key, folds_key, split_key
 from equip.sweep.crossval import FinalFitPlan, final_fit_plan, training_split
 from equip.track import record as tracking
 from equip.track import schema, store
@@ -165,6 +165,8 @@ def _start_run(
             schema.CONFIG_HASH: plan.config_hash,
             schema.MODEL_KIND: str(cfg.model.name),
             schema.CV_KEY: plan.cv_key,
+            schema.SPLIT_KEY: split_key(cfg),  # what the registry's gates search by
+            schema.FOLDS_KEY: folds_key(cfg),
             **(plan.final_fit.tags() if plan.final_fit is not None else {}),
             **job.extra_tags,
             **tracking.git_tags(Path(__file__).parent),

@@ -42,8 +42,8 @@ from equip.launchers.azureml.service import TERMINAL, JobService
 from equip.launchers.azureml.settings import LauncherSettings, check_settings, require_sdk
 from equip.sweep import context
 from equip.terminal import fail, say
+from equip.track import queries, schema
 from equip.track import record as tracking
-from equip.track import schema
 from equip.track.redaction import redact_overrides
 
 REMOTE_CALLBACK = "+hydra.callbacks.azureml_job._target_=equip.launchers.azureml.run.RemoteJob"
@@ -209,12 +209,8 @@ class AzureMLLauncher(Launcher):
     def _collect(
         self, j: AzureJob, mlflow_client: Any, exp_id: str, parent: str, sweep_dir: Path
     ) -> JobReturn:
-        runs = mlflow_client.search_runs(
-            [exp_id],
-            f"{schema.children_of(parent)} and tags.`{jobs.JOB_TAG}` = '{j.name}'",
-            max_results=1,
-        )
-        run = runs[0] if runs else None
+        where = queries.children_of(parent, {jobs.JOB_TAG: j.name})
+        run = queries.first_run(mlflow_client, [exp_id], where)
         if run is None and j.status == "Completed":  # skipped inside the job: a FINISHED twin
             run = finished_children(mlflow_client, exp_id, parent).get(j.launch_key)
         if j.status == "Completed" and run is not None and run.info.status == "FINISHED":
@@ -236,7 +232,8 @@ class AzureMLLauncher(Launcher):
 
 def finished_children(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     """FINISHED children of the parent by launch key: what a resumed sweep does not resubmit."""
-    runs = client.search_runs([exp_id], schema.children_of(parent, "FINISHED"), max_results=5000)
+    finished = queries.has_status("FINISHED")
+    runs = queries.search_runs(client, [exp_id], queries.children_of(parent), finished)
     return {r.data.tags[jobs.KEY_TAG]: r for r in runs if jobs.KEY_TAG in r.data.tags}
 
 

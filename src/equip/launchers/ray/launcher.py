@@ -57,7 +57,7 @@ from equip.launchers.ray._cluster import address_host, connect, plain, slots, st
 from equip.launchers.ray._worker import run_job_on_ray, warm_up
 from equip.sweep.context import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV
 from equip.terminal import fail, say
-from equip.track import schema, store
+from equip.track import queries, schema, store
 
 log = logging.getLogger(__name__)
 LOST_NODE = "lost with its Ray node or worker process"
@@ -194,7 +194,8 @@ def fail_orphans(parent_id: str | None) -> int:
 
     client = MlflowClient()
     exp = client.get_run(parent_id).info.experiment_id
-    orphans = client.search_runs([exp], schema.children_of(parent_id, "RUNNING"))
+    running = queries.has_status("RUNNING")
+    orphans = queries.search_runs(client, [exp], queries.children_of(parent_id), running)
     for run in orphans:
         client.set_tag(run.info.run_id, schema.ERROR, f"{LOST_NODE}; rerun on resume")
         client.set_terminated(run.info.run_id, "FAILED")
