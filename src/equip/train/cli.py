@@ -69,7 +69,7 @@ def run_training(cfg: DictConfig) -> float:
         )
         raise SystemExit(130) from None
     except Exception as e:
-        fail_if_refused(e)  # credentials or a request the store refused: every job would meet it
+        fail_if_refused(e, save_traceback)  # the store said no: every job would meet it too
         if _store_gone(e):
             if job.in_sweep:
                 fail(
