@@ -285,9 +285,10 @@ def parent_and_children(client: MlflowClient):
     return parent, children
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
-    """The stand-in Azure ML workspace (tests/workspace_standin.py), one per test module.
+    """The stand-in Azure ML workspace (tests/workspace_standin.py), one for the session (its
+    mlflow server takes seconds to start); tests leave it signed in and serving.
     EQUIP_STANDIN_ENFORCE=0: it serves what it refuses (after logging it), so that one run
     lists every request a real workspace would refuse."""
     from tests.workspace_standin import Workspace

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +57,7 @@ class Store:
     uri: str
     overrides: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    rejected: list = field(default_factory=list)  # the workspace's refusals (none elsewhere)
+    refused: Callable[[], list] = list  # the workspace's refusals in this test (none elsewhere)
     cwd: Path = Path()
 
     def train(self, *args: str, wait: bool = True):
@@ -113,13 +113,14 @@ def store(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         workspace = request.getfixturevalue("workspace")
         for name, value in workspace.environment().items():
             monkeypatch.setenv(name, value)  # this test's own reads go the users' way too
+        first = len(workspace.rejected)  # the session's stand-in: refusals before are not ours
         yield _connected(
             Store(
                 "azureml",
                 workspace.uri,
                 workspace.settings(),
                 workspace.environment(),
-                workspace.rejected,
+                lambda: workspace.rejected[first:],
                 tmp_path,
             )
         )
@@ -166,7 +167,7 @@ def test_the_whole_flow(store: Store):
     final_fit_registered_by_the_cv_gate(store, client, cnn_parent)
     champion_predicts(store)
     logged_model_predicts(single)
-    refused = Counter(str(r) for r in store.rejected)  # each kind once, with its count
+    refused = Counter(str(r) for r in store.refused())  # each kind once, with its count
     assert not refused, "\n".join(f"{n} x {r}" for r, n in refused.most_common())
 
 
