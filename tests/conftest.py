@@ -368,3 +368,17 @@ def parent_and_children(client: MlflowClient):
         order_by=["attributes.start_time ASC"],
     )
     return parent, children
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    """The stand-in Azure ML workspace (tests/workspace_standin.py), one for the session (its
+    mlflow server takes seconds to start); tests leave it signed in and serving.
+    EQUIP_STANDIN_ENFORCE=0: it serves what it refuses (after logging it), so that one run
+    lists every request a real workspace would refuse."""
+    from tests.workspace_standin import Workspace
+
+    enforce = os.environ.get("EQUIP_STANDIN_ENFORCE", "1") != "0"
+    standin = Workspace.start(tmp_path_factory.mktemp("workspace"), enforce)
+    yield standin
+    standin.stop()

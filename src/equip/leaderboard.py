@@ -9,7 +9,7 @@ from typing import Any
 
 from equip.errors import EquipError
 from equip.sweep.leaderboard import leaderboard, print_board
-from equip.terminal import fail
+from equip.terminal import fail, fail_if_refused
 from equip.track import queries, schema, store
 from equip.track.redaction import strip_secrets
 
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         print_board(dict(zip(("parent", "rows", "keys"), _load(args), strict=True)))
     except EquipError as e:
         fail(str(e), 2)
+    except Exception as e:
+        fail_if_refused(e)
+        raise
     return 0
 
 

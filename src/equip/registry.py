@@ -68,8 +68,14 @@ def _register(
     score: float,
     gate: dict[str, Any],
 ) -> str:
-    """A new version of the registered model, tagged with its run, score, data and gate."""
-    import mlflow
+    """A new version of the registered model, tagged with its run, score, data and gate.
+
+    From the run's artifact URI, as MLflow 2 registered runs:/ URIs: MLflow 3's register_model
+    first lists runs:/ID/model for its MLmodel, and azureml-mlflow lists the whole run there, so
+    it would look for an MLflow 3 logged model instead, which a workspace does not have."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
     reg = cfg.registry
     tags = {
@@ -80,7 +86,15 @@ def _register(
         "equip.gate": str(reg.gate),
         **gate.get("tags", {}),
     }
-    return str(mlflow.register_model(model_uri, reg.name, tags=tags).version)
+    client = MlflowClient()
+    try:
+        client.create_registered_model(reg.name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    if RunsArtifactRepository.is_runs_uri(model_uri):
+        model_uri = RunsArtifactRepository.get_underlying_uri(model_uri)
+    return str(client.create_model_version(reg.name, model_uri, run_id=run_id, tags=tags).version)
 
 
 def _crown(client, reg: DictConfig, version: str, score: float, decision: dict[str, Any]) -> None:

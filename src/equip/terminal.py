@@ -10,7 +10,7 @@ Tables and reports go to stdout (`report`); everything else, errors included, to
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 from rich.console import Console
@@ -29,6 +29,22 @@ report = Console(markup=False, highlight=False, width=None if sys.stdout.isatty(
 def say(*parts: Part) -> None:
     """One line on stderr: strings exactly as they are, (text, style) pairs styled."""
     console.print(Text.assemble(*parts))
+
+
+def fail_if_refused(
+    error: BaseException, keep_traceback: Callable[[BaseException], str] | None = None
+) -> None:
+    """One line and exit when `error` is the tracking store refusing equip's credentials or a
+    request (equip.track.refusals); otherwise nothing: the caller goes on with the error. An
+    unexpected refusal names the file `keep_traceback` saved the traceback to, for the report."""
+    from equip.track.refusals import store_refusal
+
+    refused = store_refusal(error)
+    if refused is not None:
+        line, code = refused
+        if code == 1 and keep_traceback is not None:
+            line += f" (traceback in {keep_traceback(error)})"
+        fail(line, code)
 
 
 def fail(message: str, code: int, details: Iterable[str] = ()) -> NoReturn:

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from equip.errors import EquipError
-from equip.terminal import fail, report
+from equip.terminal import fail, fail_if_refused, report
+from equip.track.refusals import store_refusal
 
 DEFAULTS = {
     "model": "???",
@@ -63,6 +64,8 @@ def load_predictor(model: str):
     try:
         return mlflow.pyfunc.load_model(model_location(model)).predict
     except (MlflowException, OSError) as e:
+        if store_refusal(e) is not None:
+            raise  # the store said no: main() says which request, in one line
         raise EquipError(
             f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
             f"{str(e).splitlines()[0]}"
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         out = predict_files(predict, files)
     except EquipError as e:
         fail(str(e), 2)
+    except Exception as e:
+        fail_if_refused(e)
+        raise
     out.insert(0, "file", [str(f) for f in files])
     classes = [c.removeprefix("p_") for c in out.columns if c.startswith("p_")]
     if root.is_dir() and all(f.parent.name in classes for f in files):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,10 @@ def require_azure_extra() -> None:
         raise EquipError(
             'logging to Azure ML needs the Azure extra: pip install -e ".[azure]"'
         ) from None
+    # azureml-mlflow and azure-core log every URI parse and HTTP request at INFO: under Hydra's
+    # job logging that is a screenful per command. Their warnings still show.
+    for name in ("azureml", "azure"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def workspace_of(tracking: DictConfig) -> tuple[str, str, str]:
@@ -72,10 +77,22 @@ def azureml_uri(tracking: DictConfig) -> str:
     )
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.token}"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
+        # build_opener: the environment's proxy as it is now (urlopen keeps the first one seen)
+        with urllib.request.build_opener().open(request, timeout=30) as answer:
             return json.load(answer)["properties"]["mlFlowTrackingUri"]
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise EquipError(
+                f"Azure did not accept your credentials for workspace {name} (HTTP {e.code}): "
+                "sign in again with `az login`, or check your access to the workspace."
+            ) from None
+        raise _lookup_failed(name, group, sub, e) from None
     except (OSError, ValueError, KeyError) as e:
-        raise EquipError(
-            f"could not read the MLflow URI of workspace {name} (resource group {group}, "
-            f"subscription {sub}): {e}. Check the names and your access to the workspace."
-        ) from None
+        raise _lookup_failed(name, group, sub, e) from None
+
+
+def _lookup_failed(name: str, group: str, sub: str, e: Exception) -> EquipError:
+    return EquipError(
+        f"could not read the MLflow URI of workspace {name} (resource group {group}, "
+        f"subscription {sub}): {e}. Check the names and your access to the workspace."
+    )

@@ -123,10 +123,23 @@ def log_evaluation(
         **final,
     }
     tracking.log_metrics(run_id, final, step=step)
-    mlflow.log_table(table, "eval/per_class_metrics.json")
+    log_table(table, "eval/per_class_metrics.json")
     mlflow.log_text(table_csv(table), "eval/per_class_metrics.csv")
     fig, matrix = confusion_figure(classes, y_true, y_pred)
     mlflow.log_figure(fig, "eval/confusion_matrix.png")
     close(fig)
     mlflow.log_text(matrix_csv(classes, matrix), "eval/confusion_matrix.csv")
     return final
+
+
+def log_table(table: dict, path: str) -> None:
+    """What mlflow.log_table writes (the JSON file and the tag that shows it in the MLflow UI),
+    without its first step: listing the folder through runs:/, which makes MLflow 3 search the
+    run's logged models, an API an Azure ML workspace does not have (it answers 404)."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_text(pd.DataFrame(table).to_json(orient="split", index=False), path)
+    mlflow.set_tag("mlflow.loggedArtifacts", json.dumps([{"path": path, "type": "table"}]))

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from equip.errors import EquipError
-from equip.terminal import fail, say
+from equip.terminal import fail, fail_if_refused, say
 from equip.track.redaction import strip_secrets
 
 
@@ -34,12 +34,16 @@ def one_line_errors() -> Iterator[None]:
     except EquipError as e:
         fail(str(e), 2)
     except (HydraException, OmegaConfBaseException) as e:
+        fail_if_refused(e)  # a sweep callback's request the store refused (Hydra wraps it)
         text = str(e).split("Config search path")[0]  # Hydra's search path is noise here
         text = " ".join(line.strip() for line in text.splitlines() if line.strip())
         cause = e.__cause__
         if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
             text += f" ({str(cause).strip().splitlines()[0]})"
         fail(f"{text} See python train.py --help for the config groups and keys.", 2)
+    except Exception as e:  # a sweep callback's request the store refused: one line too
+        fail_if_refused(e)
+        raise
 
 
 def run_training(cfg: DictConfig) -> float:
@@ -65,6 +69,7 @@ def run_training(cfg: DictConfig) -> float:
         )
         raise SystemExit(130) from None
     except Exception as e:
+        fail_if_refused(e, save_traceback)  # the store said no: every job would meet it too
         if _store_gone(e):
             if job.in_sweep:
                 fail(
