@@ -192,5 +192,6 @@ class Classifier(pl.LightningModule):
             # A final fit runs no validation: there the plateau is the training loss's.
             validates = self.trainer.limit_val_batches != 0
             monitor = "val_loss" if validates else "train_loss"
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": monitor}}
+            scheduler = {"scheduler": sched, "monitor": monitor}
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
         return optimizer
