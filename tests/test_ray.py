@@ -26,6 +26,7 @@ from tests.conftest import (  # noqa: E402
     ROOT,
     TINY,
     MlflowServer,
+    port_nobody_listens_on,
 )
 
 FAST = [*TINY, "tracking.log_model=false"]
@@ -241,6 +242,26 @@ def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path
     assert "203.0.113.7" in line and "use an mlflow server URI: mlflow server --host" in line
     assert "tracking.uri=http://" in line
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_an_unreachable_cluster_is_refused_in_one_line_within_30_s(tmp_path: Path):
+    """Ray by default retries an address nobody answers for ~13 minutes (after rewriting
+    127.0.0.1 to this machine's address); equip bounds it with Ray's own settings."""
+    nobody = port_nobody_listens_on()
+    started = time.monotonic()
+    proc = ray_sweep(
+        "model.lr=0.001,0.003",
+        f"hydra.launcher.ray.init.address=127.0.0.1:{nobody}",
+        f"tracking.uri=http://127.0.0.1:{nobody}",  # a server store: not refused as local
+        cwd=tmp_path,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = (proc.stdout + proc.stderr).strip().splitlines()
+    assert line.startswith("equip: error: cannot reach the Ray cluster at ")
+    assert f"hydra.launcher.ray.init.address=127.0.0.1:{nobody}" in line
+    assert took <= 30, f"refused after {took:.0f} s"
+    assert not (tmp_path / "multirun").exists()
 
 
 def test_which_stores_and_addresses_are_local():
