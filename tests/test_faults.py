@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from equip.train.cli import run_training
 from equip.train.run import train
 from tests.conftest import (
     FAST,
@@ -79,6 +80,7 @@ BAD_INPUTS = [
     (["tracking.uri=sqlite:/relative.db"], "tracking.uri"),
     (["tracking.uri=sqlite:////proc/equip.db"], "tracking.uri"),
     (["tracking.artifact_root=a_file/artifacts"], "tracking.artifact_root"),
+    (["data.cache_dir=a_file/cache"], "data.cache_dir"),  # was a NotADirectoryError traceback
     ([f"tracking.uri=http://user:hunter2@127.0.0.1:{PORT_NOBODY_LISTENS_ON}"], "unreachable"),
 ]
 
@@ -135,6 +137,27 @@ def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path):
         assert len(lines) == 1 and key in lines[0] and "equip: error:" in lines[0], (args, lines)
         assert "Traceback" not in lines[0] and "hunter2" not in lines[0]
         assert not list(cwd.glob("*.db")), (args, "a store was created")
+
+
+def test_a_loss_that_becomes_nan_fails_the_run_in_one_line(
+    store: str, capsys: pytest.CaptureFixture
+):
+    """lr=1e308: the loss is NaN from the second step, and a few steps later Adam's update
+    overflows (an opaque RuntimeError) unless the run stops first. train.py's own path, in
+    process: run_training is all train.py adds to Hydra."""
+    with pytest.raises(SystemExit) as stop:
+        run_training(make_cfg("model.lr=1e308", "tracking.log_model=false"))
+    err = capsys.readouterr().err  # MLflow's INFO lines as it creates the store, then ours
+    assert stop.value.code == 1, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "equip: error: loss became NaN at epoch 1 (step 2); lower model.lr "
+        "(the learning rate was 1e+308)"
+    ]
+    [run] = MlflowClient(store).search_runs(["1"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["equip.error"].startswith("TrainingFailed: loss became NaN at epoch 1")
+    assert "val_acc" not in run.data.metrics  # stopped within its first epoch
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from equip.errors import EquipError
+from equip.errors import EquipError, TrainingFailed
 from equip.terminal import fail, say
 from equip.track.redaction import strip_secrets
 
@@ -82,6 +82,8 @@ def run_training(cfg: DictConfig) -> float:
         if job.in_sweep and job.continue_on_failure:
             say(("job failed", "bold red"), f" (the sweep goes on): {describe(e)}")
             return FAILED_JOB_SCORE
+        if isinstance(e, TrainingFailed):  # the run exists (FAILED): not bad input
+            fail(str(e), 1)
         if isinstance(e, EquipError):
             fail(str(e), 2)
         fail(f"{describe(e)} (traceback in {save_traceback(e)})", 1)
