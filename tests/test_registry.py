@@ -143,6 +143,36 @@ def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
     assert bad.returncode == 2 and "model=nope.ckpt: no such checkpoint" in bad.stderr
 
 
+class RunsCode:
+    """What a malicious checkpoint carries: unpickling it would run a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    import torch
+
+    from equip.serve.predict import main
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, tmp_path / "evil.ckpt")
+    write_pngs(tmp_path / "photos", 1)
+    with pytest.raises(SystemExit) as stop:
+        main([f"model={tmp_path / 'evil.ckpt'}", f"images={tmp_path / 'photos'}"])
+    assert stop.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"equip: error: {tmp_path / 'evil.ckpt'} is not a checkpoint that ")
+    assert "GLOBAL posix.system" in line and "from a source you trust" in line
+    assert "weights_only" not in line  # torch's own text advises turning the check off
+    assert not marker.exists()
+
+
 def post(port: int, body: dict) -> tuple[int, str]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",
