@@ -1,5 +1,6 @@
 """Terminal side of train.py: one line per outcome, exit codes that mean
-something (0 done, 2 bad input, 130 stopped by you), no stack traces for what users can fix."""
+something (0 done, 2 bad input, 4 a sweep with failed jobs, 130 stopped by you), no stack traces
+for what users can fix."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def one_line_errors() -> Iterator[None]:
     try:
         with config_errors():  # a wrong type, choice or key: the schema's error in one line
             yield
+        from equip.sweep.callback import exit_if_jobs_failed
+
+        exit_if_jobs_failed()  # a sweep that ran to its end with failed jobs: exit 4
     except EquipError as e:
         fail(str(e), 2)
     except (HydraException, OmegaConfBaseException) as e:
