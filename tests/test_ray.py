@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ from tests.conftest import (  # noqa: E402
     ROOT,
     TINY,
     MlflowServer,
+    ctrl_c_a_training_sweep,
+    gone_within,
     port_nobody_listens_on,
 )
 
@@ -230,6 +233,25 @@ def stopped_with_epochs_left(client: MlflowClient, run_id: str, pid: int) -> boo
         pass
     os.kill(pid, signal.SIGCONT)
     return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_ray_sweep_is_one_line_exit_130_and_leaves_nothing_running(tmp_path: Path):
+    """On a local Ray instance: the terminal's Ctrl-C reaches the driver and Ray's own
+    processes; the driver cancels the jobs (a KeyboardInterrupt in each), which end their runs
+    KILLED, and says one line."""
+    proc, err, client, started = ctrl_c_a_training_sweep(
+        tmp_path, "hydra/launcher=ray", "model.filters=[4],[8]", jobs=2
+    )
+    assert proc.returncode == 130, err[-3000:]
+    ours = [line for line in err.splitlines() if not re.match(r"^(\S+ \S+ INFO |\d{4}-)", line)]
+    assert ours == [
+        "stopped by you: every job of the sweep is marked KILLED; run the same command again to "
+        "resume"
+    ], err[-3000:]
+    runs = client.search_runs(["1"])
+    assert len(runs) == 3 and all(r.info.status == "KILLED" for r in runs)
+    assert not gone_within(started), "a Ray process outlived the sweep"
 
 
 def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path: Path):

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,16 @@ from omegaconf import DictConfig
 from equip.errors import EquipError, TrainingFailed
 from equip.terminal import fail, say
 from equip.track.redaction import strip_secrets
+
+
+def quiet_hydra_notices() -> None:
+    """conf/hydra/launcher/joblib.yaml replaces Hydra's joblib launcher config of the same name
+    on purpose (its _target_ is equip's class). Hydra still validates it against that schema
+    (the same keys) and warns, at every compose, that this matching by name is deprecated:
+    nothing for a user to do."""
+    warnings.filterwarnings(
+        "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema"
+    )
 
 
 @contextmanager
@@ -29,6 +40,7 @@ def one_line_errors() -> Iterator[None]:
     from equip.config.explain import config_errors
 
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    quiet_hydra_notices()
     try:
         with config_errors():  # a wrong type, choice or key: the schema's error in one line
             yield
@@ -63,10 +75,8 @@ def run_training(cfg: DictConfig) -> float:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         result = train(cfg, job)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
-        say(
-            ("stopped by you", "bold yellow"),
-            ": the run is marked KILLED; run the same command again to resume",
-        )
+        if not job.in_worker:  # a launcher's worker: the sweep's main process says it once
+            say_stopped("the run is marked KILLED")
         raise SystemExit(130) from None
     except Exception as e:
         if _store_gone(e):
@@ -94,6 +104,11 @@ def run_training(cfg: DictConfig) -> float:
     if result.get("rank_zero") is False:  # another rank of a ddp job: rank 0 reports
         return math.nan
     return report(cfg, result)
+
+
+def say_stopped(what: str) -> None:
+    """The one line of a command the user stopped (Ctrl-C): exit 130 follows."""
+    say(("stopped by you", "bold yellow"), f": {what}; run the same command again to resume")
 
 
 def _store_gone(e: Exception) -> bool:
