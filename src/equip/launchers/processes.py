@@ -69,6 +69,18 @@ def _worker_setup() -> None:
     quiet_hydra_notices()  # each job composes its config here
 
 
+_slots: list[Slot] = []  # kept from batch to batch (Optuna's): the workers stay warm
+
+
+def worker_slots(n: int) -> list[Slot]:
+    """`n` slots: the previous batch's, if it had as many, else new ones."""
+    if len(_slots) != n:
+        for slot in _slots:
+            slot.executor.shutdown(wait=True)
+        _slots[:] = new_slots(n)
+    return _slots
+
+
 def new_slots(n: int) -> list[Slot]:
     executors = [ProcessPoolExecutor(max_workers=1, initializer=_worker_setup) for _ in range(n)]
     pids = [e.submit(os.getpid) for e in executors]  # the workers start side by side
@@ -87,7 +99,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
     log.info("joblib launcher: %d job(s) in %d worker process(es)", len(job_overrides), n)
     queue = deque(enumerate(job_overrides, first))
     go_on = bool(config.get("multirun", {}).get("continue_on_failure", True))
-    slots = new_slots(n)
+    slots = worker_slots(n)
     busy: dict[cf.Future, tuple[int, Sequence[str], Slot]] = {}
     results: dict[int, JobReturn] = {}
     try:
@@ -107,8 +119,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
             say_stopped("every job of the sweep is marked KILLED")
             raise SystemExit(130) from None
         raise
-    for slot in slots:
-        slot.executor.shutdown(wait=True)
     return [results[i] for i in sorted(results)]
 
 
@@ -164,4 +174,5 @@ def _stop(busy: dict, slots: list[Slot]) -> None:
         cf.wait(busy, timeout=STOP_WAIT_S)
     for slot in slots:
         slot.executor.shutdown(wait=False, kill_workers=True)
+    slots.clear()
     end_stopped_jobs()
