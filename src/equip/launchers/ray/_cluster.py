@@ -65,12 +65,12 @@ def store_refusal(uri: str, hosts: Sequence[str]) -> str | None:
 
 # Ray's own connection settings, for joining a cluster at an address. Its defaults try 20 times,
 # about 40 s each (13 minutes for an address nobody answers, after rewriting 127.0.0.1 to this
-# machine's address); these make it one try of about 15 s. A user's own value in the
+# machine's address); these make it one try of about 12 s. A user's own value in the
 # environment wins.
 BOUNDED_CONNECT = {
     "RAY_gcs_server_port_wait_time_s": "1",  # connection attempts to the GCS (default 20)
     "RAY_gcs_rpc_server_connect_timeout_s": "3",  # each channel's connect (default 5)
-    "RAY_py_gcs_connect_timeout_s": "8",  # the wait for the cluster's id (default 30)
+    "RAY_py_gcs_connect_timeout_s": "5",  # the wait for the cluster's id (default 30)
     "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "8",  # ray://: 3 tries of 5, 8, 8 s (default 5-15)
 }
 
