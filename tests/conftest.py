@@ -308,20 +308,21 @@ def ctrl_c_a_training_sweep(cwd: Path, *args: str, jobs: int = 1, timeout_s: flo
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "data.per_class=24"]
-    proc = subprocess.Popen(
-        [*cmd, *ENDLESS, *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    log = cwd / "sweep.err"  # a file, not a pipe: a full pipe would stop the sweep mid-write
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(
+            [*cmd, *ENDLESS, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,
+        )
     deadline, client, training = time.time() + timeout_s, None, []
     try:
         while len(training) < jobs:
             if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"no {jobs} job(s) training: {proc.stderr.read()[-3000:]}")
+                raise AssertionError(f"no {jobs} job(s) training: {log.read_text()[-3000:]}")
             time.sleep(0.3)
             with contextlib.suppress(Exception):  # the store is being created
                 client = client or open_when_created(cwd / "mlflow.db")
@@ -332,12 +333,12 @@ def ctrl_c_a_training_sweep(cwd: Path, *args: str, jobs: int = 1, timeout_s: flo
                 training = [r for r in running if history(r.info.run_id, "val_acc")]
         started = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=180)
+        proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return proc, err, client, started
+    return proc, log.read_text(), client, started
 
 
 def gone_within(processes: list[psutil.Process], timeout_s: float = 30) -> list[psutil.Process]:

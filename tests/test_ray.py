@@ -241,7 +241,14 @@ def test_ctrl_c_on_a_ray_sweep_is_one_line_exit_130_and_leaves_nothing_running(t
     processes; the driver cancels the jobs (a KeyboardInterrupt in each), which end their runs
     KILLED, and says one line."""
     proc, err, client, started = ctrl_c_a_training_sweep(
-        tmp_path, "hydra/launcher=ray", "model.filters=[4],[8]", jobs=2
+        tmp_path,
+        "hydra/launcher=ray",
+        # a new local instance with a slot per job, never this module's test cluster (which
+        # Ray would join without an address)
+        "hydra.launcher.ray.init.address=local",
+        "+hydra.launcher.ray.init.num_cpus=2",
+        "model.filters=[4],[8]",
+        jobs=2,
     )
     assert proc.returncode == 130, err[-3000:]
     ours = [line for line in err.splitlines() if not re.match(r"^(\S+ \S+ INFO |\d{4}-)", line)]

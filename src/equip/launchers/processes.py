@@ -46,6 +46,7 @@ from equip.launchers.runs import (
     failed,
     record_lost_job,
 )
+from equip.runtime import stop_at_a_safe_point
 from equip.sweep.context import FAILED_JOB_SCORE, PARENT_ENV, WORKER_ENV
 from equip.terminal import say
 from equip.train.cli import quiet_hydra_notices, say_stopped
@@ -66,6 +67,7 @@ def _worker_setup() -> None:
     Ctrl-C on, once), and marked as a worker (its jobs leave the one line to the main)."""
     os.setpgrp()
     os.environ[WORKER_ENV] = "1"
+    stop_at_a_safe_point()  # the Ctrl-C passed on ends training after its current batch
     quiet_hydra_notices()  # each job composes its config here
 
 

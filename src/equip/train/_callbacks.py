@@ -1,5 +1,5 @@
 """Lightning callbacks of a training run: per-epoch metrics to MLflow, a loss that is no longer
-finite, and median stopping."""
+finite, a stop asked of a launcher's worker, and median stopping."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from equip.errors import TrainingFailed
+from equip.runtime import stop_requested
 from equip.sweep.context import MedianStop
 from equip.track import record as tracking
 from equip.track import schema
@@ -68,6 +69,20 @@ class FiniteLoss(pl.Callback):
             f"loss became {what} at epoch {trainer.current_epoch + 1} (step "
             f"{trainer.global_step}); lower model.lr (the learning rate was {lr:g})"
         )
+
+
+class StopWhenAsked(pl.Callback):
+    """A stop asked of a launcher's worker (equip.runtime.stop_requested: the sweep's Ctrl-C)
+    ends training after the current batch, as a Ctrl-C there would: Lightning shuts down, and
+    the run ends KILLED."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if stop_requested():
+            raise KeyboardInterrupt
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, *_) -> None:
+        if stop_requested():
+            raise KeyboardInterrupt
 
 
 class MedianStopping(pl.Callback):
