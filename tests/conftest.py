@@ -382,3 +382,69 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
     standin = Workspace.start(tmp_path_factory.mktemp("workspace"), enforce)
     yield standin
     standin.stop()
+
+
+def open_when_created(db: Path) -> MlflowClient | None:
+    """A client of the sqlite store a subprocess is creating, once it is whole (equip's own
+    lock: a client opened while MLflow builds the tables would migrate them a second time)."""
+    from equip.track.store import open_store
+
+    if not db.exists():
+        return None
+    open_store(f"sqlite:///{db}", create=False)
+    return MlflowClient(f"sqlite:///{db}")
+
+
+# More epochs than any test waits for and no early stopping: a job still trains whenever the
+# test acts on it.
+ENDLESS = ["trainer.max_epochs=100000", "trainer.patience=0"]
+
+
+def ctrl_c_a_training_sweep(cwd: Path, *args: str, jobs: int = 1, timeout_s: float = 300):
+    """`python train.py -m … ENDLESS` in a session of its own; once `jobs` children have each
+    logged an epoch, SIGINT to its whole process group, as a terminal's Ctrl-C. Returns the
+    finished process, its stderr, the store's client and the processes it had started."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "data.per_class=24"]
+    log = cwd / "sweep.err"  # a file, not a pipe: a full pipe would stop the sweep mid-write
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(
+            [*cmd, *ENDLESS, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,
+        )
+    deadline, client, training = time.time() + timeout_s, None, []
+    try:
+        while len(training) < jobs:
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"no {jobs} job(s) training: {log.read_text()[-3000:]}")
+            time.sleep(0.3)
+            with contextlib.suppress(Exception):  # the store is being created
+                client = client or open_when_created(cwd / "mlflow.db")
+                running = client.search_runs(
+                    ["1"], "attributes.status = 'RUNNING' and tags.mlflow.parentRunId != ''"
+                )
+                history = client.get_metric_history
+                training = [r for r in running if history(r.info.run_id, "val_acc")]
+        started = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc, log.read_text(), client, started
+
+
+def gone_within(processes: list[psutil.Process], timeout_s: float = 30) -> list[psutil.Process]:
+    """The processes still alive (zombies count as gone) after up to timeout_s."""
+    deadline = time.time() + timeout_s
+    while True:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.5)

@@ -196,6 +196,13 @@ def test_a_bad_compute_name_is_one_line(tmp_path: Path):
     assert not job_files(tmp_path)
 
 
+def test_a_sweep_without_a_compute_is_one_line_and_leaves_no_run(tmp_path: Path):
+    """Checked before the sweep callback creates the parent run (it was left KILLED)."""
+    result = train(tmp_path, "-m", "model.lr=0.001,0.01", "hydra/launcher=azureml")
+    assert "needs hydra.launcher.compute=NAME" in one_error_line(result)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
 def test_missing_workspace_settings_are_one_line(tmp_path: Path):
     result = train(
         tmp_path,

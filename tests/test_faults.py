@@ -16,13 +16,18 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from equip.train.cli import run_training
 from equip.train.run import train
 from tests.conftest import (
+    ENDLESS,
     FAST,
     ROOT,
     TINY,
+    ctrl_c_a_training_sweep,
     freeze_when,
+    gone_within,
     make_cfg,
+    open_when_created,
     parent_and_children,
     port_nobody_listens_on,
     start_mlflow_server,
@@ -31,9 +36,6 @@ from tests.conftest import (
 )
 
 PORT_NOBODY_LISTENS_ON = port_nobody_listens_on()
-# More epochs than any test waits for, and no early stopping (trainer.patience=0): such a run is
-# still training whenever the test acts on it.
-ENDLESS = ["trainer.max_epochs=100000", "trainer.patience=0"]
 
 # (overrides, text the one line must contain). Every case must exit 2 with one line naming the
 # key, before any run exists.
@@ -80,6 +82,7 @@ BAD_INPUTS = [
     (["tracking.uri=sqlite:/relative.db"], "tracking.uri"),
     (["tracking.uri=sqlite:////proc/equip.db"], "tracking.uri"),
     (["tracking.artifact_root=a_file/artifacts"], "tracking.artifact_root"),
+    (["data.cache_dir=a_file/cache"], "data.cache_dir"),  # was a NotADirectoryError traceback
     ([f"tracking.uri=http://user:hunter2@127.0.0.1:{PORT_NOBODY_LISTENS_ON}"], "unreachable"),
 ]
 
@@ -147,6 +150,27 @@ def test_bad_inputs_get_one_line_from_the_real_command(tmp_path: Path):
         list(pool.map(case, IN_A_PROCESS))
     env_case = run_train([], tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite://x.db"})
     check_one_line(["MLFLOW_TRACKING_URI=sqlite://x.db"], "MLFLOW_TRACKING_URI", env_case, tmp_path)
+
+
+def test_a_loss_that_becomes_nan_fails_the_run_in_one_line(
+    store: str, capsys: pytest.CaptureFixture
+):
+    """lr=1e308: the loss is NaN from the second step, and a few steps later Adam's update
+    overflows (an opaque RuntimeError) unless the run stops first. train.py's own path, in
+    process: run_training is all train.py adds to Hydra."""
+    with pytest.raises(SystemExit) as stop:
+        run_training(make_cfg("model.lr=1e308", "tracking.log_model=false"))
+    err = capsys.readouterr().err  # MLflow's INFO lines as it creates the store, then ours
+    assert stop.value.code == 1, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "equip: error: loss became NaN at epoch 1 (step 2); lower model.lr "
+        "(the learning rate was 1e+308)"
+    ]
+    [run] = MlflowClient(store).search_runs(["1"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["equip.error"].startswith("TrainingFailed: loss became NaN at epoch 1")
+    assert "val_acc" not in run.data.metrics  # stopped within its first epoch
 
 
 @contextlib.contextmanager
@@ -218,6 +242,27 @@ def test_ctrl_c_ends_the_run_killed_with_one_line_and_exit_130(tmp_path: Path, s
     assert "stopped by you" in err and "Traceback" not in err
     ended = client.get_run(run.info.run_id)
     assert ended.info.status == "KILLED" and "Ctrl-C" in ended.data.tags["equip.error"]
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+    ids=["basic", "joblib"],
+)
+def test_ctrl_c_on_a_sweep_is_one_line_exit_130_and_leaves_nothing_running(
+    tmp_path: Path, launcher: list[str]
+):
+    """Ctrl-C in the terminal (SIGINT to the whole process group) while every worker trains."""
+    proc, err, client, started = ctrl_c_a_training_sweep(
+        tmp_path, "model.filters=[4],[8]", *launcher, jobs=2 if launcher else 1
+    )
+    assert proc.returncode == 130, err[-3000:]
+    equip_lines = [line for line in err.splitlines() if " INFO mlflow." not in line]
+    assert len(equip_lines) == 1 and equip_lines[0].startswith("stopped by you: "), err[-3000:]
+    runs = client.search_runs(["1"])
+    assert len(runs) == 1 + (2 if launcher else 1)  # the parent and the jobs that started
+    assert all(r.info.status == "KILLED" for r in runs), [(r.info.status) for r in runs]
+    assert not gone_within(started), "a worker process outlived the sweep"
 
 
 @pytest.mark.slow
@@ -339,6 +384,51 @@ def test_killing_a_joblib_sweep_stops_its_workers(tmp_path: Path, store: str):
         for pid in filter(alive, workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_dead_joblib_worker_fails_its_job_and_the_sweep_goes_on(tmp_path: Path):
+    """kill -9 of the worker that trains job #0 (endless, so it is training when killed): that
+    job alone fails, with the reason; jobs #1 and #2 finish; the sweep exits 4."""
+    proc = sweep(
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.patience=0",
+        "trainer.max_epochs=100000,2,3",  # job #0 never ends by itself
+        cwd=tmp_path,
+        wait=False,
+    )
+    client, victim, deadline = None, None, time.time() + 240
+    try:
+        while victim is None:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.3)
+            with contextlib.suppress(Exception):  # the store is being created
+                client = client or open_when_created(tmp_path / "mlflow.db")
+                endless = client.search_runs(
+                    ["1"],
+                    "attributes.status = 'RUNNING' and params.`trainer.max_epochs` = '100000'",
+                )
+                victim = next(
+                    r for r in endless if client.get_metric_history(r.info.run_id, "val_acc")
+                )
+        pid = int(victim.data.tags["equip.pid"])
+        assert pid != proc.pid
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 4, err[-3000:]
+    assert f"job #0 failed: its worker process {pid} died (killed or crashed: SIGKILL(-9))" in err
+    assert "Traceback" not in err
+    parent, children = parent_and_children(client)
+    by_epochs = {c.data.params["trainer.max_epochs"]: c for c in children}
+    dead = by_epochs["100000"]
+    assert dead.info.status == "FAILED"
+    assert dead.data.tags["equip.error"].startswith(f"its worker process {pid} died (killed")
+    assert by_epochs["2"].info.status == by_epochs["3"].info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_failed"] == 1
 
 
 def running_children(client: MlflowClient) -> list:

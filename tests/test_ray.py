@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,9 @@ from tests.conftest import (  # noqa: E402
     ROOT,
     TINY,
     MlflowServer,
+    ctrl_c_a_training_sweep,
+    gone_within,
+    port_nobody_listens_on,
 )
 
 FAST = [*TINY, "tracking.log_model=false"]
@@ -159,7 +163,7 @@ def test_a_lost_node_fails_its_job_only_and_the_rerun_completes_it(
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)  # ... and all that ran on it, the stopped job too
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 4, err[-3000:]  # a sweep that ended with a failed job
     parent, children = parent_and_children(client, "lost_node")
     lost = client.get_run(lost_id)
     # Ended by the launcher (FAILED: lost with its node) or, on this one-host cluster, first by
@@ -231,6 +235,32 @@ def stopped_with_epochs_left(client: MlflowClient, run_id: str, pid: int) -> boo
     return False
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_a_ray_sweep_is_one_line_exit_130_and_leaves_nothing_running(tmp_path: Path):
+    """On a local Ray instance: the terminal's Ctrl-C reaches the driver and Ray's own
+    processes; the driver cancels the jobs (a KeyboardInterrupt in each), which end their runs
+    KILLED, and says one line."""
+    proc, err, client, started = ctrl_c_a_training_sweep(
+        tmp_path,
+        "hydra/launcher=ray",
+        # a new local instance with a slot per job, never this module's test cluster (which
+        # Ray would join without an address)
+        "hydra.launcher.ray.init.address=local",
+        "+hydra.launcher.ray.init.num_cpus=2",
+        "model.filters=[4],[8]",
+        jobs=2,
+    )
+    assert proc.returncode == 130, err[-3000:]
+    ours = [line for line in err.splitlines() if not re.match(r"^(\S+ \S+ INFO |\d{4}-)", line)]
+    assert ours == [
+        "stopped by you: every job of the sweep is marked KILLED; run the same command again to "
+        "resume"
+    ], err[-3000:]
+    runs = client.search_runs(["1"])
+    assert len(runs) == 3 and all(r.info.status == "KILLED" for r in runs)
+    assert not gone_within(started), "a Ray process outlived the sweep"
+
+
 def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path: Path):
     proc = ray_sweep(
         "model.lr=0.001,0.003", "hydra.launcher.ray.init.address=203.0.113.7:6379", cwd=tmp_path
@@ -241,6 +271,26 @@ def test_a_local_store_with_a_remote_cluster_is_refused_before_anything(tmp_path
     assert "203.0.113.7" in line and "use an mlflow server URI: mlflow server --host" in line
     assert "tracking.uri=http://" in line
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_an_unreachable_cluster_is_refused_in_one_line_within_30_s(tmp_path: Path):
+    """Ray by default retries an address nobody answers for ~13 minutes (after rewriting
+    127.0.0.1 to this machine's address); equip bounds it with Ray's own settings."""
+    nobody = port_nobody_listens_on()
+    started = time.monotonic()
+    proc = ray_sweep(
+        "model.lr=0.001,0.003",
+        f"hydra.launcher.ray.init.address=127.0.0.1:{nobody}",
+        f"tracking.uri=http://127.0.0.1:{nobody}",  # a server store: not refused as local
+        cwd=tmp_path,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = (proc.stdout + proc.stderr).strip().splitlines()
+    assert line.startswith("equip: error: cannot reach the Ray cluster at ")
+    assert f"hydra.launcher.ray.init.address=127.0.0.1:{nobody}" in line
+    assert took <= 30, f"refused after {took:.0f} s"
+    assert not (tmp_path / "multirun").exists()
 
 
 def test_which_stores_and_addresses_are_local():

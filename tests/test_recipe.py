@@ -65,6 +65,37 @@ def test_cv_settings_are_checked():
         fold_split(images, 5, 0, seed=0)
 
 
+def test_a_cv_with_a_fold_missing_logs_no_mean_and_names_the_fold(
+    store: str, capsys: pytest.CaptureFixture
+):
+    """Folds 0 and 2 of 3 finished (fold 1 failed or never ran): a mean over two folds is no
+    estimate of the config, so none is logged, and the summary names the missing fold."""
+    from equip.sweep.context import JobContext
+    from equip.sweep.leaderboard import print_board, summarize
+    from equip.track.store import connect, experiment_id
+    from equip.train.run import train
+
+    connect(make_cfg().tracking)
+    client = MlflowClient()
+    tags = {"equip.swept_keys": "data.fold", "equip.sweep_key": "cv-missing"}
+    pid = client.create_run(experiment_id(make_cfg().tracking), "cv", tags=tags).info.run_id
+    for k in (0, 2):
+        job = JobContext(overrides=[f"data.fold={k}"], parent_run_id=pid, swept_keys=["data.fold"])
+        overrides = ("data.folds=3", f"data.fold={k}", "tracking.log_model=false")
+        train(make_cfg(*overrides, "trainer.max_epochs=1"), job)
+    print_board(summarize(pid))
+    parent = client.get_run(pid)
+    m = parent.data.metrics
+    assert m["cv_folds"] == 2 and m["cv_folds_expected"] == 3
+    assert not [k for k in m if k.startswith(("cv_mean", "cv_std", "cv_pooled"))]
+    line = (
+        "CV incomplete: 2 of 3 folds finished, fold 1 missing (failed or not run): no mean is "
+        "logged; run the same command again to finish it"
+    )
+    assert parent.data.tags["equip.cv_summary"] == line
+    assert line in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- defaults assume nothing
 def write_arrows(root, per_class: int = 24, size: int = 40, seed: int = 0) -> None:
     """Greyscale arrows pointing left or right: two classes that differ only by a mirror."""

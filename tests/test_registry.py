@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
@@ -159,10 +160,72 @@ def test_predict_cli_on_a_labelled_folder(store: str, tmp_path: Path):
     assert bad.returncode == 2 and "model=nope.ckpt: no such checkpoint" in bad.stderr
 
 
+class RunsCode:
+    """What a malicious checkpoint carries: unpickling it would run a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    import torch
+
+    from equip.serve.predict import main
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, tmp_path / "evil.ckpt")
+    write_pngs(tmp_path / "photos", 1)
+    with pytest.raises(SystemExit) as stop:
+        main([f"model={tmp_path / 'evil.ckpt'}", f"images={tmp_path / 'photos'}"])
+    assert stop.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"equip: error: {tmp_path / 'evil.ckpt'} is not a checkpoint that ")
+    assert "GLOBAL posix.system" in line and "from a source you trust" in line
+    assert "weights_only" not in line  # torch's own text advises turning the check off
+    assert not marker.exists()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams_in():
+    """No Content-Length: the body is counted as the app reads it, refused at the limit, and
+    the rest read off the connection into nothing."""
+    import asyncio
+
+    from equip.serve.request_limit import RequestSizeLimit
+
+    chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}] * 10
+    chunks.append({"type": "http.request", "body": b"", "more_body": False})
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):  # reads the whole body, as MLflow's handler does
+        while (await receive())["more_body"]:
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(RequestSizeLimit(app, max_bytes=2500)(scope, receive, send))
+    assert sent[0]["status"] == 413 and not chunks  # refused, and every chunk read
+    assert "at most 0 MB" in json.loads(sent[1]["body"])["message"]
+
+
 def post(port: int, body: dict) -> tuple[int, str]:
+    return post_bytes(port, json.dumps(body).encode())
+
+
+def post_bytes(port: int, body: bytes) -> tuple[int, str]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(body).encode(),
+        data=body,
         headers={"Content-Type": "application/json"},
     )
     try:
@@ -246,6 +309,15 @@ def test_mlflow_models_serve_answers_a_posted_image(
                 and "stack_trace" not in text
                 and "/site-packages" not in text
             )
+        # An oversized body is refused from its Content-Length, before MLflow reads it (it made
+        # the process ~260 MB larger per 165 MB request; bench/serve_memory.py).
+        served = psutil.Process(server.pid)
+        rss = max(p.memory_info().rss for p in [served, *served.children(recursive=True)])
+        huge = b'{"dataframe_split": {"columns": ["image"], "data": [["' + b"A" * (80 << 20)
+        status, text = post_bytes(port, huge + b'"]]}}')
+        assert status == 413 and "request body of 80 MB; a request holds at most 64 MB" in text
+        grown = max(p.memory_info().rss for p in [served, *served.children(recursive=True)]) - rss
+        assert grown < 32 << 20, f"the server grew by {grown >> 20} MB"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -58,11 +58,16 @@ def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Pat
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, store: str):
+def test_a_failing_job_is_recorded_the_sweep_goes_on_and_exits_4(tmp_path: Path, store: str):
     # val_fraction=0.01 passes the config checks but leaves classes without validation images.
     proc = sweep_in_process("data.val_fraction=0.25,0.01,0.3", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("equip: error: 1 of 3 jobs of 'sweep val_fraction=") and (
+        "failed (FAILED or KILLED on the leaderboard" in last
+    )
     parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert parent.info.status == "FINISHED"
     assert [c.info.status for c in children] == ["FINISHED", "FAILED", "FINISHED"]
     assert "no validation image" in children[1].data.tags["equip.error"]
     assert parent.data.metrics["jobs_failed"] == 1 and parent.data.metrics["jobs_finished"] == 2
@@ -159,15 +164,28 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path, store: str):
     assert parent.data.metrics["jobs_pruned"] == 1
 
 
-def test_an_aborted_sweep_does_not_leave_its_parent_running(tmp_path: Path, store: str):
+def test_an_aborted_sweep_does_not_leave_its_parent_running_and_its_rerun_ends_clean(
+    tmp_path: Path, store: str
+):
     # A real process: the parent is ended as the process exits (atexit), not in-process.
-    proc = sweep(
-        "data.val_fraction=0.25,0.01,0.3", "multirun.continue_on_failure=false", cwd=tmp_path
-    )
+    grid = "data.val_fraction=0.25,0.01,0.3"
+    proc = sweep(grid, "multirun.continue_on_failure=false", cwd=tmp_path)
     assert proc.returncode != 0
-    parent, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent, children = parent_and_children(client)
     assert [c.info.status for c in children] == ["FINISHED", "FAILED"]  # the third never ran
     assert parent.info.status == "KILLED" and parent.data.metrics["jobs_failed"] == 1
+    assert "stopped before its last job" in parent.data.tags["equip.error"]
+
+    rerun = sweep(grid, cwd=tmp_path)  # the same sweep (multirun.* is not part of it), resumed
+    assert rerun.returncode == 4, rerun.stderr[-3000:]  # the 0.01 job fails again
+    parent, _ = parent_and_children(client)
+    assert parent.info.status == "FINISHED"
+    assert "equip.error" not in parent.data.tags  # the first invocation's reason is history
+    for name in ("jobs_finished", "jobs_failed", "jobs_skipped"):  # once per invocation
+        steps = [m.step for m in client.get_metric_history(parent.info.run_id, name)]
+        assert sorted(steps) == [0, 1], (name, steps)
+    assert parent.data.metrics["jobs_finished"] == 2 and parent.data.metrics["jobs_skipped"] == 1
 
 
 def test_baseline_grids_are_validated_and_run(tmp_path: Path, store: str):
@@ -199,6 +217,7 @@ def test_a_failing_optuna_trial_does_not_stop_the_study(tmp_path: Path, store: s
     proc = sweep_in_process(
         "sweep=learning_rate", "hydra.sweeper.n_trials=2", "data.val_fraction=0.01", cwd=tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]  # every trial failed: not a success
+    assert "equip: error: 2 of 2 jobs of 'sweep learning_rate" in proc.stderr
     _, children = parent_and_children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
     assert [c.info.status for c in children] == ["FAILED", "FAILED"]

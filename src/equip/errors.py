@@ -8,3 +8,8 @@ class EquipError(Exception):
 class StoreUnavailable(EquipError):
     """The tracking store went away (or never answered): a sweep stops instead of failing every
     job that is left; the same command resumes it once the store is back."""
+
+
+class TrainingFailed(EquipError):
+    """Training went wrong in a way its message explains and a setting fixes (the loss became
+    NaN): the run exists and ends FAILED; one line, exit 1 (not 2: a run was created)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import threading
 import time
 
@@ -78,6 +79,25 @@ def exit_with(pid: int, poll_s: float = 1.0) -> None:
             time.sleep(poll_s)
 
     threading.Thread(target=watch, name="equip-exit-with-sweep", daemon=True).start()
+
+
+_stop = threading.Event()
+
+
+def stop_at_a_safe_point() -> None:
+    """In a launcher's worker process (joblib, Ray): a SIGINT, the sweep passing a Ctrl-C on or
+    Ray's cancel, only asks the job to stop; training stops after its current batch (see
+    stop_requested) and the run ends KILLED. Raised wherever it lands, a KeyboardInterrupt can
+    fall inside a garbage-collection callback, where Python swallows it ("Exception ignored
+    in …", printed) and the job trains on. Main thread only (signal handlers live there)."""
+    _stop.clear()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda signum, frame: _stop.set())
+
+
+def stop_requested() -> bool:
+    """Whether this worker was asked to stop (stop_at_a_safe_point)."""
+    return _stop.is_set()
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -19,6 +19,7 @@ from equip.config.explain import check_known_keys, check_required, choice_error
 
 # The machine's checks (config.resources), re-exported: importable from here as before.
 from equip.config.resources import check_decoded_size as check_decoded_size
+from equip.config.resources import check_folder_path
 from equip.config.resources import check_hardware as check_hardware
 from equip.config.resources import processes_per_node as processes_per_node
 from equip.errors import EquipError
@@ -152,6 +153,8 @@ def check_data(d: DictConfig) -> None:
     _in_range(a, "erasing", 0, 1)
     _in_range(d, "num_workers", 0)
     _in_range(d, "ram_budget_mb", 0)
+    if d.get("cache_dir"):
+        check_folder_path(str(d.cache_dir), "data.cache_dir")
     if d.kind == "synthetic":
         _in_range(d, "per_class", 1, 100_000)
     elif not d.root:

@@ -1,8 +1,13 @@
 """What the machine must have for a config: disk or RAM for the decoded images, GPUs and cores
-for the trainer's processes. Asks the machine (check_hardware: torch), so only jobs about to
-train call these; config.checks holds the checks of the config alone."""
+for the trainer's processes, a folder where a key names one. Asks the machine (check_hardware:
+torch), so only jobs about to train call these; config.checks holds the checks of the config
+alone."""
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -12,10 +17,6 @@ from equip.errors import EquipError
 def check_decoded_size(n_images: int, image_size: int, cache_dir: str | None, count: str) -> None:
     """Fail in a moment, not after hours of decoding, when the decoded images cannot fit where
     they go: the disk of data.cache_dir, or RAM without one. `count` is the key that sets N."""
-    import os
-    import shutil
-    from pathlib import Path
-
     need = n_images * 3 * image_size * image_size
     if cache_dir:
         where = Path(cache_dir).expanduser().resolve()
@@ -81,3 +82,16 @@ def check_hardware(t: DictConfig) -> None:
             f"trainer.devices={n} needs trainer.strategy=ddp (one process per "
             "device, gradients all-reduced)."
         )
+
+
+def check_folder_path(value: str, key: str) -> None:
+    """A folder `key` can hold or create: its nearest existing part is a writable folder, not a
+    file. Nothing is created here (whole-sweep validation runs this for every point)."""
+    path = Path(value).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise EquipError(
+            f"{key}={value}: {existing} is a file, not a folder; choose another location (or null)."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EquipError(f"{key}={value}: {existing} is not writable; choose another location.")

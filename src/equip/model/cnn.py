@@ -195,3 +195,27 @@ class Classifier(pl.LightningModule):
             scheduler = {"scheduler": sched, "monitor": monitor}
             return {"optimizer": optimizer, "lr_scheduler": scheduler}
         return optimizer
+
+
+def load_classifier(path: str) -> Classifier:
+    """A trained CNN from its checkpoint, for inference. torch.load reads only tensors and plain
+    values here (Lightning's default, weights_only): a file that would run code when unpickled
+    is refused, in one line that names the file and what it tried to load."""
+    import pickle
+    import warnings
+
+    from equip.errors import EquipError
+
+    try:
+        with warnings.catch_warnings():  # torch's notice on a raw pickle's protocol: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return Classifier.load_from_checkpoint(path, map_location="cpu").eval()
+    except pickle.UnpicklingError as e:
+        # torch's text suggests weights_only=False, i.e. running the file's code: never that.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        raise EquipError(
+            f"{path} is not a checkpoint that can be loaded safely: it holds objects other than "
+            f"weights ({why.rstrip('.') or 'unknown content'}). Use a checkpoint that equip wrote "
+            "(a run's checkpoints/ artifact) from a source you trust."
+        ) from None

@@ -47,6 +47,10 @@ class BaselineImageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import mlflow.sklearn
 
+        from equip.serve.request_limit import serve_with_request_limit
+
+        serve_with_request_limit()  # mlflow models serve: an oversized body is never read
+
         self.pipeline = mlflow.sklearn.load_model(context.artifacts["pipeline"])
         meta = context.model_config
         self.classes, self.image_size = list(meta["classes"]), int(meta["image_size"])

@@ -51,12 +51,12 @@ def find_images(path: Path) -> list[Path]:
 def load_predictor(model: str):
     """A callable DataFrame(image=base64) -> DataFrame(class, probability, p_*)."""
     if model.endswith(".ckpt"):
-        from equip.model.cnn import Classifier
+        from equip.model.cnn import load_classifier
         from equip.serve.pyfunc import classify, read_image_value
 
         if not Path(model).is_file():
             raise EquipError(f"model={model}: no such checkpoint file.")
-        clf = Classifier.load_from_checkpoint(model, map_location="cpu").eval()
+        clf = load_classifier(model)
         return lambda df: classify(clf, [read_image_value(v, i) for i, v in enumerate(df.image)])
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException

@@ -136,10 +136,12 @@ def as_client_error(error: BadImageInput) -> Exception:
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from equip.model.cnn import Classifier
+        from equip.model.cnn import load_classifier
+        from equip.serve.request_limit import serve_with_request_limit
 
+        serve_with_request_limit()  # mlflow models serve: an oversized body is never read
         path = context.artifacts["checkpoint"]
-        self.model = Classifier.load_from_checkpoint(path, map_location="cpu").eval()
+        self.model = load_classifier(path)
         self.image_root = (context.model_config or {}).get("image_root") or None
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

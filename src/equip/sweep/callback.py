@@ -112,6 +112,8 @@ def resume_parent(client: Any, exp_id: str, parent: Any) -> str:
     client.update_run(parent_id, status="RUNNING")
     for k, v in store.process_tags().items():  # this process runs it now
         client.set_tag(parent_id, k, v)
+    if schema.ERROR in parent.data.tags:  # why the last invocation stopped: history now
+        client.delete_tag(parent_id, schema.ERROR)
     # Jobs still RUNNING were cut off with the sweep (a killed process cannot say so).
     running = queries.has_status("RUNNING")
     for run in queries.search_runs(client, [exp_id], queries.children_of(parent_id), running):
@@ -156,6 +158,7 @@ class SweepTracker(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.started = 0.0
+        self.summary_step = 0  # this invocation's step for the parent's summary metrics
         self.lock: store.OwnedLock | None = None  # this sweep's lock in the store, while it runs
 
     def __getstate__(self) -> dict[str, Any]:
@@ -194,6 +197,9 @@ class SweepTracker(Callback):
         previous = queries.first_run(client, [exp_id], queries.sweep_parent(key))
         if config.multirun.resume and previous is not None:
             self.parent_id = resume_parent(client, exp_id, previous)
+            # One summary per invocation, each at its own step: a resumed sweep's new counts
+            # do not pile up at the step of the old ones.
+            self.summary_step = len(client.get_metric_history(self.parent_id, "jobs_finished"))
         else:
             self.parent_id = new_parent(client, exp_id, config, key, sweep_dir)
         client.set_tag(self.parent_id, schema.LAST_SWEEP_DIR, sweep_dir)
@@ -232,7 +238,7 @@ class SweepTracker(Callback):
         try:
             if store.store_is_down(mlflow.get_tracking_uri()):
                 return  # the next run of the same command resumes it (and marks it meanwhile)
-            summarize(parent_id, since=self.started)
+            summarize(parent_id, since=self.started, step=self.summary_step)
             client = MlflowClient()
             client.set_tag(parent_id, schema.ERROR, "the sweep stopped before its last job")
             client.set_terminated(parent_id, "KILLED")
@@ -250,7 +256,7 @@ class SweepTracker(Callback):
 
         parent_id, self.parent_id = self.parent_id, None  # the atexit hook has nothing to do
         try:
-            board = summarize(parent_id, since=self.started)
+            board = summarize(parent_id, since=self.started, step=self.summary_step)
         finally:
             MlflowClient().set_terminated(parent_id, "FINISHED")
             self._release()
@@ -259,3 +265,22 @@ class SweepTracker(Callback):
         exp = MlflowClient().get_run(parent_id).info.experiment_id
         say(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}")
         context.clear_sweep()
+        failed, jobs = board["counts"]["jobs_failed"], len(board["rows"])
+        if failed:  # train.py exits with it once Hydra is done (exit_if_jobs_failed)
+            _outcome["failed"] = (
+                f"{failed} of {jobs} jobs of {board['parent'].info.run_name!r} failed (FAILED "
+                "or KILLED on the leaderboard; each run's equip.error says why). Run the same "
+                "command again to rerun them."
+            )
+
+
+FAILED_JOBS_EXIT = 4  # the sweep ran to its end, but some (or all) of its jobs failed
+_outcome: dict[str, str] = {}  # what the sweep that ended in this process leaves to say
+
+
+def exit_if_jobs_failed() -> None:
+    """After Hydra's multirun returns (every callback has run): one line and exit 4 when jobs
+    of the sweep failed. A sweep whose jobs failed did not do what was asked of it."""
+    message = _outcome.pop("failed", None)
+    if message is not None:
+        fail(message, FAILED_JOBS_EXIT)

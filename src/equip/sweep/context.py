@@ -21,6 +21,9 @@ from equip.track.record import config_params
 PARENT_ENV = "EQUIP_PARENT_RUN_ID"
 SWEPT_ENV = "EQUIP_SWEPT_KEYS"
 SWEEP_PID_ENV = "EQUIP_SWEEP_PID"
+# Set in the worker processes of a launcher (joblib, Ray): the sweep's main process speaks for
+# the sweep when it is stopped (one line), not every job at once.
+WORKER_ENV = "EQUIP_SWEEP_WORKER"
 # What a failed job returns to the sweeper: the worst score (sweepers maximise what jobs return;
 # Optuna stops the whole study on NaN, and -inf keeps it going).
 FAILED_JOB_SCORE = float("-inf")  # the process that runs the sweep (workers exit with it)
@@ -46,6 +49,7 @@ class JobContext:
     median_stop: MedianStop | None = None
     parallel_jobs: int = 1  # jobs running side by side on this machine (cores are shared out)
     sweep_pid: int | None = None  # the sweep's main process, when it runs on this machine
+    in_worker: bool = False  # a launcher's worker process, not the sweep's main process
     extra_tags: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -88,6 +92,7 @@ class JobContext:
             median_stop=MedianStop(stop.after_epochs, stop.min_finished) if stop.enabled else None,
             parallel_jobs=parallel_jobs,
             sweep_pid=int(os.environ[SWEEP_PID_ENV]) if os.environ.get(SWEEP_PID_ENV) else None,
+            in_worker=os.environ.get(WORKER_ENV) == "1",
         )
 
 

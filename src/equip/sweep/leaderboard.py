@@ -56,6 +56,7 @@ def board_row(run, keys: list[str]) -> dict[str, Any]:
         "start_time": run.info.start_time,
         "end_time": run.info.end_time,
         "config_hash": t.get(schema.CONFIG_HASH, run.info.run_id),
+        "folds": p.get("data.folds"),  # k of a cross-validation: which folds a CV sweep needs
     }
 
 
@@ -101,15 +102,20 @@ def board_columns(keys: list[str]) -> list[str]:
 
 
 def cv_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean and standard deviation (ddof=1) across the finished folds of a cross-validation,
-    and a 95% Wilson interval of the pooled accuracy (each image is validated exactly once)."""
+    """Mean and standard deviation (ddof=1) across the folds of a cross-validation, and a 95%
+    Wilson interval of the pooled accuracy (each image is validated exactly once). With a fold
+    missing (failed, or never run) only the counts: a mean over the folds that happen to have
+    finished is no estimate of the config."""
     import numpy as np
 
     from equip.track.reports import wilson_interval
 
-    done = [r for r in rows if r["status"] == "FINISHED" and r.get(METRICS[0]) is not None]
-    out: dict[str, float] = {"cv_folds": float(len(done))}
-    if not done:
+    done = _finished_folds(rows)
+    out: dict[str, float] = {
+        "cv_folds": float(len(done)),
+        "cv_folds_expected": float(_expected_folds(rows)),
+    }
+    if not done or missing_folds(rows):
         return out
     for k in (*METRICS, "train_time_s"):
         values = np.array([r[k] for r in done if r.get(k) is not None], dtype=float)
@@ -125,8 +131,31 @@ def cv_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def cv_line(cv: dict[str, float]) -> str:
-    """'5-fold CV: val_acc 0.953 ± 0.012, ...' for the terminal."""
+def _finished_folds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "FINISHED" and r.get(METRICS[0]) is not None]
+
+
+def _expected_folds(rows: list[dict[str, Any]]) -> int:
+    """k of the cross-validation (data.folds of its runs; a job that failed before its run
+    logged anything has none), else the number of jobs."""
+    ks = [int(r["folds"]) for r in rows if str(r.get("folds") or "").isdigit()]
+    return max(ks) if ks else len(rows)
+
+
+def missing_folds(rows: list[dict[str, Any]]) -> list[int]:
+    """The folds of the cross-validation with no finished run, in order."""
+    finished = {int(r[CV_KEY]) for r in _finished_folds(rows) if str(r[CV_KEY]).isdigit()}
+    return [k for k in range(_expected_folds(rows)) if k not in finished]
+
+
+def cv_line(cv: dict[str, float], missing: list[int] | None = None) -> str:
+    """'5-fold CV: val_acc 0.953 ± 0.012, ...' for the terminal; with folds missing, which."""
+    if missing:
+        return (
+            f"CV incomplete: {cv['cv_folds']:.0f} of {cv['cv_folds_expected']:.0f} folds "
+            f"finished, fold {', '.join(map(str, missing))} missing (failed or not run): no "
+            "mean is logged; run the same command again to finish it"
+        )
     parts = [
         f"{k.removeprefix('cv_mean_best_')} {cv[k]:.4f} ± {cv[k.replace('mean', 'std')]:.4f}"
         for k in cv
@@ -149,8 +178,9 @@ def _header(column: str) -> str:
     return column.split(".")[-1].removeprefix("best_").replace("train_time_s", "time_s")
 
 
-def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
-    """Log the leaderboard (CSV, Markdown, HTML), best-child tags and counts on the parent."""
+def summarize(parent_id: str, since: float = 0.0, step: int = 0) -> dict[str, Any]:
+    """Log the leaderboard (CSV, Markdown, HTML), best-child tags and counts on the parent;
+    its metrics at `step` (each invocation of a resumed sweep logs its own)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -176,12 +206,12 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
     client.log_text(parent_id, buf.getvalue(), "sweep/leaderboard.csv")
     client.log_text(parent_id, "\n".join(md) + "\n", "sweep/leaderboard.md")
     client.log_text(parent_id, html_table(cols, rows), "sweep/leaderboard.html")
-    tracking.log_metrics(parent_id, counts, step=0)
+    tracking.log_metrics(parent_id, counts, step=step)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
     cv = cv_summary(rows) if keys == [CV_KEY] else None
     if cv is not None:  # the estimate is the folds' mean, not the luckiest fold
-        tracking.log_metrics(parent_id, cv, step=0)
-        client.set_tag(parent_id, schema.CV_SUMMARY, cv_line(cv))
+        tracking.log_metrics(parent_id, cv, step=step)
+        client.set_tag(parent_id, schema.CV_SUMMARY, cv_line(cv, missing_folds(rows)))
         best = None
     if best:
         client.set_tag(parent_id, schema.BEST_RUN_ID, best["run_id"])
@@ -189,7 +219,7 @@ def summarize(parent_id: str, since: float = 0.0) -> dict[str, Any]:
         for k in keys:
             client.set_tag(parent_id, schema.BEST_VALUE + k, schema.truncate(str(best[k])))
         tracking.log_metrics(
-            parent_id, {k: best[k] for k in METRICS if best[k] is not None}, step=0
+            parent_id, {k: best[k] for k in METRICS if best[k] is not None}, step=step
         )
         if keys and len(rows) > 1:
             fig = parallel_plot(rows, keys, parent)
@@ -213,7 +243,5 @@ def print_board(board: dict[str, Any]) -> None:
     counts = board.get("counts")
     if counts:
         report.print(", ".join(f"{k.removeprefix('jobs_')}: {v}" for k, v in counts.items()))
-    if board.get("cv") is None and keys == [CV_KEY]:
-        board["cv"] = cv_summary(rows)
-    if (board.get("cv") or {}).get("cv_folds"):
-        report.print(cv_line(board["cv"]))
+    if keys == [CV_KEY] and rows:
+        report.print(cv_line(board.get("cv") or cv_summary(rows), missing_folds(rows)))

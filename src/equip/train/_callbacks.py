@@ -1,4 +1,5 @@
-"""Lightning callbacks of a training run: per-epoch metrics to MLflow, and median stopping."""
+"""Lightning callbacks of a training run: per-epoch metrics to MLflow, a loss that is no longer
+finite, a stop asked of a launcher's worker, and median stopping."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import statistics
 import time
 
 import pytorch_lightning as pl
+import torch
 
+from equip.errors import TrainingFailed
+from equip.runtime import stop_requested
 from equip.sweep.context import MedianStop
 from equip.track import queries, schema
 from equip.track import record as tracking
@@ -47,6 +51,38 @@ class EpochMetrics(pl.Callback):
         heartbeat = {schema.HEARTBEAT: str(int(time.time()))}  # alive (equip.track.store)
         tracking.log_metrics(self.run_id, metrics, step=epoch, tags=heartbeat)
         self.history.append({"epoch": epoch, **metrics})
+
+
+class FiniteLoss(pl.Callback):
+    """Stop the run at the first training step whose loss is NaN or infinite, in one line that
+    says what to change. Lightning's EarlyStopping(check_finite=True) only looks at an epoch's
+    logged metric, and a learning rate that large can overflow the optimizer (an opaque
+    RuntimeError) a few steps after the loss went NaN, long before the epoch ends."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or bool(torch.isfinite(loss).all()):
+            return
+        what = "NaN" if bool(torch.isnan(loss).any()) else "infinite"
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        raise TrainingFailed(
+            f"loss became {what} at epoch {trainer.current_epoch + 1} (step "
+            f"{trainer.global_step}); lower model.lr (the learning rate was {lr:g})"
+        )
+
+
+class StopWhenAsked(pl.Callback):
+    """A stop asked of a launcher's worker (equip.runtime.stop_requested: the sweep's Ctrl-C)
+    ends training after the current batch, as a Ctrl-C there would: Lightning shuts down, and
+    the run ends KILLED."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if stop_requested():
+            raise KeyboardInterrupt
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, *_) -> None:
+        if stop_requested():
+            raise KeyboardInterrupt
 
 
 class MedianStopping(pl.Callback):

@@ -28,7 +28,7 @@ from equip.track import record as tracking
 from equip.track import reports, schema
 from equip.track.redaction import redact_tree
 from equip.train import _distributed, _resume
-from equip.train._callbacks import EpochMetrics
+from equip.train._callbacks import EpochMetrics, FiniteLoss, StopWhenAsked
 
 
 def build_trainer(
@@ -81,9 +81,10 @@ def build_trainer(
 
 
 def _trainer_callbacks(cfg: DictConfig, final_fit: bool) -> list[pl.Callback]:
-    """Early stopping (nothing to watch in a final fit) and weight averaging, as configured."""
+    """A stop on a loss that is no longer finite or when a launcher's worker is asked to, early
+    stopping (nothing to watch in a final fit) and weight averaging, as configured."""
     t = cfg.trainer
-    callbacks: list[pl.Callback] = []
+    callbacks: list[pl.Callback] = [FiniteLoss(), StopWhenAsked()]
     if t.patience > 0 and not final_fit:
         callbacks.append(
             EarlyStopping(t.monitor, patience=t.patience, mode=schema.monitor_mode(t.monitor))

@@ -1,5 +1,6 @@
 """Terminal side of train.py: one line per outcome, exit codes that mean
-something (0 done, 2 bad input, 130 stopped by you), no stack traces for what users can fix."""
+something (0 done, 2 bad input, 4 a sweep with failed jobs, 130 stopped by you), no stack traces
+for what users can fix."""
 
 from __future__ import annotations
 
@@ -7,15 +8,26 @@ import logging
 import math
 import os
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from equip.errors import EquipError
+from equip.errors import EquipError, TrainingFailed
 from equip.terminal import fail, fail_if_refused, say
 from equip.track.redaction import strip_secrets
+
+
+def quiet_hydra_notices() -> None:
+    """conf/hydra/launcher/joblib.yaml replaces Hydra's joblib launcher config of the same name
+    on purpose (its _target_ is equip's class). Hydra still validates it against that schema
+    (the same keys) and warns, at every compose, that this matching by name is deprecated:
+    nothing for a user to do."""
+    warnings.filterwarnings(
+        "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema"
+    )
 
 
 @contextmanager
@@ -28,9 +40,13 @@ def one_line_errors() -> Iterator[None]:
     from equip.config.explain import config_errors
 
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    quiet_hydra_notices()
     try:
         with config_errors():  # a wrong type, choice or key: the schema's error in one line
             yield
+        from equip.sweep.callback import exit_if_jobs_failed
+
+        exit_if_jobs_failed()  # a sweep that ran to its end with failed jobs: exit 4
     except EquipError as e:
         fail(str(e), 2)
     except (HydraException, OmegaConfBaseException) as e:
@@ -63,10 +79,8 @@ def run_training(cfg: DictConfig) -> float:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         result = train(cfg, job)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
-        say(
-            ("stopped by you", "bold yellow"),
-            ": the run is marked KILLED; run the same command again to resume",
-        )
+        if not job.in_worker:  # a launcher's worker: the sweep's main process says it once
+            say_stopped("the run is marked KILLED")
         raise SystemExit(130) from None
     except Exception as e:
         fail_if_refused(e, save_traceback)  # the store said no: every job would meet it too
@@ -87,12 +101,19 @@ def run_training(cfg: DictConfig) -> float:
         if job.in_sweep and job.continue_on_failure:
             say(("job failed", "bold red"), f" (the sweep goes on): {describe(e)}")
             return FAILED_JOB_SCORE
+        if isinstance(e, TrainingFailed):  # the run exists (FAILED): not bad input
+            fail(str(e), 1)
         if isinstance(e, EquipError):
             fail(str(e), 2)
         fail(f"{describe(e)} (traceback in {save_traceback(e)})", 1)
     if result.get("rank_zero") is False:  # another rank of a ddp job: rank 0 reports
         return math.nan
     return report(cfg, result)
+
+
+def say_stopped(what: str) -> None:
+    """The one line of a command the user stopped (Ctrl-C): exit 130 follows."""
+    say(("stopped by you", "bold yellow"), f": {what}; run the same command again to resume")
 
 
 def _store_gone(e: Exception) -> bool:

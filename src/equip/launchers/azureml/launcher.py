@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -47,6 +48,19 @@ from equip.track import record as tracking
 from equip.track.redaction import redact_overrides
 
 REMOTE_CALLBACK = "+hydra.callbacks.azureml_job._target_=equip.launchers.azureml.run.RemoteJob"
+
+
+class AzureMLPreflight(Callback):
+    """Before the sweep callback creates the parent run: what the launcher would refuse (no
+    compute, no workspace, no SDK) ends the sweep here, so that exit 2 leaves no run behind
+    (listed first by conf/hydra/launcher/azureml.yaml)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_settings(config, config.hydra.launcher.get("compute"), "hydra.launcher")
+            require_sdk("hydra/launcher=azureml")
+        except EquipError as e:
+            fail(str(e), 2)
 
 
 class AzureMLLauncher(Launcher):

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,21 +63,68 @@ def store_refusal(uri: str, hosts: Sequence[str]) -> str | None:
     )
 
 
+# Ray's own connection settings, for joining a cluster at an address. Its defaults try 20 times,
+# about 40 s each (13 minutes for an address nobody answers, after rewriting 127.0.0.1 to this
+# machine's address); these make it one try of about 12 s. A user's own value in the
+# environment wins.
+BOUNDED_CONNECT = {
+    "RAY_gcs_server_port_wait_time_s": "1",  # connection attempts to the GCS (default 20)
+    "RAY_gcs_rpc_server_connect_timeout_s": "3",  # each channel's connect (default 5)
+    "RAY_py_gcs_connect_timeout_s": "5",  # the wait for the cluster's id (default 30)
+    "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "8",  # ray://: 3 tries of 5, 8, 8 s (default 5-15)
+}
+
+
 def connect(init: DictConfig | dict) -> Any:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each job's own "done ..." line, no "[repeated]"
+    kwargs = {k: v for k, v in plain(init).items() if v is not None}
+    address = kwargs.get("address")
+    joining = address_host(address) is not None
+    if joining:
+        for name, value in BOUNDED_CONNECT.items():
+            os.environ.setdefault(name, value)
     import ray
 
     if not ray.is_initialized():
-        kwargs = {k: v for k, v in plain(init).items() if v is not None}
-        if address_host(kwargs.get("address")) is None and kwargs.get("address") != "auto":
+        if not joining and address != "auto":
             kwargs.setdefault("include_dashboard", False)  # a local instance for this sweep
         kwargs.setdefault("log_to_driver", True)
         try:
-            ray.init(**kwargs)
+            with ray_output_kept_back(joining):
+                ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            where = kwargs.get("address") or "a local instance"
-            fail(f"cannot start or reach Ray ({where}): {e}", 2)
+            first = (str(e).strip().splitlines() or [""])[0]
+            if joining:
+                fail(
+                    f"cannot reach the Ray cluster at hydra.launcher.ray.init.address={address} "
+                    f"({first}). Start it (ray start --head --port=6379), fix the address, or "
+                    "leave it out for a local Ray instance.",
+                    2,
+                )
+            fail(f"cannot start Ray ({address or 'a local instance'}): {first}", 2)
     return ray
+
+
+@contextmanager
+def ray_output_kept_back(keep_back: bool) -> Iterator[None]:
+    """While joining a cluster, Ray's C++ client writes every failed attempt straight to file
+    descriptor 2, which no Python logging setting reaches: hold the descriptor's output in a
+    file, and pass it on only if the connection succeeds (a failure is then equip's one line)."""
+    if not keep_back:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def slots(resources: dict[str, float], remote: dict[str, Any]) -> int:

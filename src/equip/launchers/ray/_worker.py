@@ -12,6 +12,8 @@ from hydra.core.utils import JobReturn, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from equip.runtime import stop_at_a_safe_point
+
 NODE_TAG = "equip.ray_node_id"
 
 
@@ -57,6 +59,7 @@ def run_job_on_ray(
     setup_globals()
     Singleton.set_state(singleton_state)
     HydraConfig.instance().set_config(sweep_config)
+    stop_at_a_safe_point()  # a cancel (Ctrl-C) ends training after its current batch
     return run_job(
         hydra_context=hydra_context,
         task_function=task_function,

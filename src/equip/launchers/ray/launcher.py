@@ -38,6 +38,7 @@ node that ran the job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -55,9 +56,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from equip.errors import EquipError
 from equip.launchers.ray._cluster import address_host, connect, plain, slots, store_refusal
 from equip.launchers.ray._worker import run_job_on_ray, warm_up
-from equip.sweep.context import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV
+from equip.launchers.runs import STOP_WAIT_S, completed, end_children, end_stopped_jobs, failed
+from equip.sweep.context import FAILED_JOB_SCORE, PARENT_ENV, SWEPT_ENV, WORKER_ENV
 from equip.terminal import fail, say
-from equip.track import queries, schema, store
+from equip.track import store
+from equip.train.cli import say_stopped
 
 log = logging.getLogger(__name__)
 LOST_NODE = "lost with its Ray node or worker process"
@@ -126,13 +129,11 @@ def launch(
     context, function, singletons = (
         ray.put(x) for x in (hydra_context, task_function, Singleton.get_state())
     )
+    # The sweep's parent run and swept keys; a stopped job leaves the one line to this process.
     job_env = {k: os.environ[k] for k in (PARENT_ENV, SWEPT_ENV) if k in os.environ}
-    log.info(
-        "Ray launcher: %d job(s) on %d node(s), sweep output dir: %s",
-        len(job_overrides),
-        len(session["hosts"]),
-        sweep_dir,
-    )
+    job_env[WORKER_ENV] = "1"
+    hosts = len(session["hosts"])
+    log.info("Ray launcher: %d job(s) on %d node(s), in %s", len(job_overrides), hosts, sweep_dir)
     refs = []
     for i, overrides in enumerate(job_overrides):
         idx = initial_job_idx + i
@@ -165,7 +166,7 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
             try:
                 results.append(ray.get(ref))
             except RayTaskError as e:  # the job itself raised past Hydra (SystemExit...)
-                results.append(_failed(overrides, e.as_instanceof_cause()))
+                results.append(failed(overrides, e.as_instanceof_cause()))
             except RayError as e:  # its node or worker process was lost
                 text = str(e).strip()
                 first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else ""
@@ -173,11 +174,13 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
                     (f"job #{idx} {LOST_NODE}", "bold red"),
                     f" ({type(e).__name__}: {first}); run the same command again to rerun it",
                 )
-                lost = _completed(overrides, FAILED_JOB_SCORE) if go_on else _failed(overrides, e)
+                lost = completed(overrides, FAILED_JOB_SCORE) if go_on else failed(overrides, e)
                 results.append(lost)
-    except BaseException:  # Ctrl-C: stop the jobs still queued or running
-        for _, _, ref in refs:
-            ray.cancel(ref, force=True)
+    except BaseException as stopped:  # Ctrl-C: stop the jobs still queued or running
+        _stop(ray, [ref for _, _, ref in refs])
+        if isinstance(stopped, KeyboardInterrupt):
+            say_stopped("every job of the sweep is marked KILLED")
+            raise SystemExit(130) from None
         raise
     # Every task of the batch has returned or died, so a child still RUNNING lost its node:
     # with max_retries=0 the job itself, with retries an attempt that Ray ran again.
@@ -185,32 +188,28 @@ def _collect(ray: Any, refs: list[tuple[int, Sequence[str], Any]], go_on: bool) 
     return results
 
 
+def _stop(ray: Any, refs: list[Any]) -> None:
+    """A KeyboardInterrupt in each job still running (Ray's cancel), STOP_WAIT_S for the jobs
+    to end their runs KILLED, then the rest cancelled by force; a run still RUNNING is marked
+    KILLED. (A Ctrl-C in the terminal also reaches a local Ray instance's own processes,
+    which may be gone already.)"""
+    with contextlib.suppress(Exception):
+        for ref in refs:
+            ray.cancel(ref)
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting
+            ray.wait(refs, num_returns=len(refs), timeout=STOP_WAIT_S)
+        for ref in refs:
+            ray.cancel(ref, force=True)
+    end_stopped_jobs()
+
+
 def fail_orphans(parent_id: str | None) -> int:
     """After a batch whose every task has returned or died, a child still RUNNING was cut off
     with its node: end it FAILED with the reason. Returns how many."""
-    if not parent_id:
-        return 0
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    exp = client.get_run(parent_id).info.experiment_id
-    running = queries.has_status("RUNNING")
-    orphans = queries.search_runs(client, [exp], queries.children_of(parent_id), running)
-    for run in orphans:
-        client.set_tag(run.info.run_id, schema.ERROR, f"{LOST_NODE}; rerun on resume")
-        client.set_terminated(run.info.run_id, "FAILED")
-    return len(orphans)
+    return len(end_children(parent_id, "FAILED", f"{LOST_NODE}; rerun on resume"))
 
 
 def _continue_on_failure(config: DictConfig | None) -> bool:
     if config is None:
         return True
     return bool(OmegaConf.select(config, "multirun.continue_on_failure", default=True))
-
-
-def _completed(overrides: Sequence[str], value: Any) -> JobReturn:
-    return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
-
-
-def _failed(overrides: Sequence[str], error: BaseException) -> JobReturn:
-    return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=error)
