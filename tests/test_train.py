@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,12 +17,20 @@ import pytorch_lightning as pl
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import equip.track.store
 from equip.errors import EquipError
 from equip.model.cnn import Classifier
 from equip.serve.pyfunc import classify
 from equip.train.run import train
-from tests.conftest import artifacts, make_cfg, port_nobody_listens_on, run_cli, write_pngs
+from tests.conftest import (
+    ROOT,
+    TINY,
+    artifacts,
+    make_cfg,
+    port_nobody_listens_on,
+    ready_store,
+    run_cli,
+    write_pngs,
+)
 
 
 def test_train_records_a_complete_run(store: str):
@@ -99,7 +110,8 @@ def test_a_failing_run_is_marked_failed_and_keeps_what_it_logged(store: str):
     assert mlflow.active_run() is None
 
 
-def test_bad_config_fails_before_any_run_is_created(store: str):
+def test_bad_config_fails_before_any_run_is_created(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default store would be created
     with pytest.raises(EquipError, match="model.lr"):
         train(make_cfg("model.lr=-1"), [])
     assert not Path("mlflow.db").exists()
@@ -114,13 +126,22 @@ def test_unreachable_tracking_server_fails_in_seconds(store: str):
     print(f"unreachable server reported after {time.perf_counter() - t0:.1f} s")
 
 
-def test_environment_tracking_uri_wins(store: str, tmp_path: Path, monkeypatch):
-    env_store = f"sqlite:///{tmp_path}/from_env.db"
-    # What equip read from the environment at start-up (store.USER_TRACKING_URI).
-    monkeypatch.setattr(equip.track.store, "USER_TRACKING_URI", env_store)
-    train(make_cfg("trainer.max_epochs=1", "tracking.log_model=false"), [])
+def test_environment_tracking_uri_wins(tmp_path: Path):
+    """MLFLOW_TRACKING_URI, as MLflow users set it, beats the config's default store."""
+    env_store = ready_store(tmp_path / "elsewhere")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_store}
+    args = [*TINY, "trainer.max_epochs=1", "tracking.log_model=false"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(MlflowClient(env_store).search_runs(["1"])) == 1
-    assert not Path("mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path, store: str):
