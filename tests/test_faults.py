@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,7 +132,11 @@ def check_one_line(args: list[str], key: str, proc: subprocess.CompletedProcess,
     assert not list(cwd.glob("*.db")), (args, "a store was created")
 
 
-@pytest.mark.parametrize(("args", "key"), BAD_INPUTS, ids=[" ".join(a)[:60] for a, _ in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("args", "key"),
+    BAD_INPUTS,
+    ids=[re.sub(r":\d+", ":PORT", " ".join(a))[:60] for a, _ in BAD_INPUTS],
+)
 def test_bad_inputs_get_one_line_naming_the_key_and_no_run(tmp_path: Path, args, key):
     (tmp_path / "a_file").write_text("not a folder")
     proc = train_in_process(["trainer.progress_bar=false", *args], tmp_path)

@@ -187,7 +187,10 @@ def one_run(store: Store, client: MlflowClient) -> str:
     )
     assert "checkpoints/best.ckpt" in artifact_paths(run, "checkpoints")
     split = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/data/split.csv").splitlines()
-    assert split[0] == "path,sha256,class,split" and len(split) == 1 + 12 * 8
+    assert (
+        split[0] == "path,sha256,class,group,grouped_by,label_conflicts,split"
+        and len(split) == 1 + 12 * 8
+    )
     return run.info.run_id
 
 
