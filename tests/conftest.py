@@ -348,9 +348,12 @@ def train_in_process(
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def run_cli(*args: str, cwd: Path, tiny: bool = True) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` in a subprocess (TINY first: synthetic-data sizes)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def run_cli(
+    *args: str, cwd: Path, tiny: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess (TINY first: synthetic-data sizes); no tracking
+    URI from this process's environment, only what `env` adds."""
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *(TINY if tiny else []), *args],
         cwd=cwd,

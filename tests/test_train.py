@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +19,6 @@ from equip.model.cnn import Classifier
 from equip.serve.pyfunc import classify
 from equip.train.run import train
 from tests.conftest import (
-    ROOT,
-    TINY,
     artifacts,
     make_cfg,
     port_nobody_listens_on,
@@ -129,15 +124,11 @@ def test_unreachable_tracking_server_fails_in_seconds(store: str):
 def test_environment_tracking_uri_wins(tmp_path: Path):
     """MLFLOW_TRACKING_URI, as MLflow users set it, beats the config's default store."""
     env_store = ready_store(tmp_path / "elsewhere")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": env_store}
-    args = [*TINY, "trainer.max_epochs=1", "tracking.log_model=false"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+    proc = run_cli(
+        "trainer.max_epochs=1",
+        "tracking.log_model=false",
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        env={"MLFLOW_TRACKING_URI": env_store},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(MlflowClient(env_store).search_runs(["1"])) == 1
