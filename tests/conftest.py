@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -322,7 +323,9 @@ def train_in_process(
     argv = [str(ROOT / "train.py"), *args]
     out, err = io.StringIO(), io.StringIO()
     handlers, level = logging.root.handlers[:], logging.root.level  # Hydra configures logging
+    at_exit: list[Callable[[], object]] = []  # what the process would run as it exits
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atexit, "register", lambda f, *a, **k: at_exit.append(partial(f, *a, **k)))
         mp.chdir(cwd)
         mp.setattr(sys, "argv", argv)
         mp.setenv("HYDRA_FULL_ERROR", "0")  # one_line_errors sets it; restored afterwards
@@ -339,6 +342,9 @@ def train_in_process(
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
         finally:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                for exit_hook in reversed(at_exit):
+                    exit_hook()
             GlobalHydra.instance().clear()
             for handler in logging.root.handlers[:]:
                 if handler not in handlers:

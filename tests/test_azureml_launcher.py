@@ -67,8 +67,8 @@ def job_files(tmp_path: Path) -> list[Path]:
     return sorted(tmp_path.glob("multirun/*/*/*.azureml.yaml"))
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
+def one_error_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("equip: error:")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -358,198 +358,172 @@ def project_copy(tmp_path: Path) -> Path:
     return code
 
 
-def launcher_for(store: str, *overrides: str):
-    """The launcher as Hydra sets it up for `python train.py -m ... hydra/launcher=azureml`, and
-    the sweep's parent run (what SweepTracker makes)."""
-    import inspect
+def azure_sweep(
+    tmp_path: Path, store: str, service: FakeAzureML, *args: str
+) -> subprocess.CompletedProcess:
+    """`python train.py -m hydra/launcher=azureml ... ARGS` in this process: Hydra's real
+    multirun, sweeper, sweep callback and the launcher as Hydra builds it, the sweep logged to
+    `store` (as MLFLOW_TRACKING_URI set at start does) and its jobs submitted to `service`, the
+    stand-in for the workspace's job service (the one thing that cannot run here)."""
+    from equip.launchers.azureml.service import JobService
+    from tests.conftest import sweep_in_process
 
-    import mlflow
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.utils import setup_globals
-    from hydra.types import HydraContext
-    from mlflow import MlflowClient
-    from omegaconf import OmegaConf
-
-    import train as train_script
-    from equip.launchers.azureml.launcher import AzureMLLauncher
-
-    setup_globals()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[*LAUNCHER, *WORKSPACE, *overrides], return_hydra_config=True
+    tmp_path.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("equip.track.store.USER_TRACKING_URI", store)
+        mp.setattr(JobService, "client", property(lambda self: service))
+        return sweep_in_process(
+            *LAUNCHER, *WORKSPACE, "hydra.launcher.poll_s=0", *args, cwd=tmp_path
         )
-    settings = OmegaConf.to_container(cfg.hydra.launcher)
-    settings.pop("_target_")
-    launcher = AzureMLLauncher(**{**settings, "poll_s": 0})
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(ROOT / "conf")))
-    launcher.setup(
-        hydra_context=HydraContext(config_loader=loader, callbacks=None),
-        task_function=inspect.unwrap(train_script.main),
-        config=cfg,
-    )
-    mlflow.set_tracking_uri(store)
+
+
+def runs_of(store: str, experiment: str = "equip") -> tuple[object, list]:
+    """The sweep's parent run and its children, oldest first."""
+    from mlflow import MlflowClient
+
     client = MlflowClient(store)
-    exp = client.get_experiment_by_name("equip")
-    exp = exp.experiment_id if exp else client.create_experiment("equip")
-    parent = client.search_runs([exp], "tags.`equip.sweep_key` = 'test'")
-    if parent:
-        parent_id = parent[0].info.run_id
-    else:
-        parent_id = client.create_run(exp, tags={"equip.sweep_key": "test"}).info.run_id
-    os.environ["EQUIP_PARENT_RUN_ID"] = parent_id
-    os.environ["EQUIP_SWEPT_KEYS"] = "model.lr"
-    return launcher, parent_id
-
-
-@pytest.fixture
-def sweep_env(monkeypatch):
-    monkeypatch.delenv("EQUIP_PARENT_RUN_ID", raising=False)
-    monkeypatch.delenv("EQUIP_SWEPT_KEYS", raising=False)
-    yield
-    os.environ.pop("EQUIP_PARENT_RUN_ID", None)
-    os.environ.pop("EQUIP_SWEPT_KEYS", None)
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = [r for r in client.search_runs([exp]) if "equip.sweep_key" in r.data.tags]
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, sorted(children, key=lambda r: r.info.start_time)
 
 
 @pytest.mark.slow  # runs the generated commands: real (tiny) training
-def test_jobs_run_as_children_of_the_sweep_and_return_their_metric(
-    store, tmp_path, sweep_env, capsys
-):
+def test_jobs_run_as_children_of_the_sweep_and_report_their_metric(store, tmp_path):
     from mlflow import MlflowClient
 
     from tests.conftest import TINY
 
-    code = project_copy(tmp_path)
-    launcher, parent = launcher_for(store, "hydra.launcher.max_concurrent=1")
-    service = FakeAzureML(store, code=code)
-    launcher.service.client = service
-    points = [[*TINY, "tracking.log_model=false", f"model.lr={lr}"] for lr in (0.001, 0.003)]
-    returns = launcher.launch(points, initial_job_idx=0)
-
+    service = FakeAzureML(store, code=project_copy(tmp_path))
+    lrs = "model.lr=0.001,0.003"
+    result = azure_sweep(tmp_path, store, service, "hydra.launcher.max_concurrent=1", lrs)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert service.most_active == 1  # max_concurrent
-    client = MlflowClient(store)
-    exp = client.get_run(parent).info.experiment_id
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+
+    parent, children = runs_of(store)
+    assert parent.info.status == "FINISHED"
     assert sorted(c.info.run_name for c in children) == [
         "filters=32-64 lr=0.001",
         "filters=32-64 lr=0.003",
     ]
     by_job = {c.data.tags["equip.azureml_job"]: c for c in children}
     assert set(by_job) == set(service.submitted)
-    for ret, name in zip(returns, service.submitted, strict=True):
-        assert ret.return_value == by_job[name].data.metrics["best_val_acc"]  # monitor: val_acc
-    err = capsys.readouterr().err
+    for name, child in by_job.items():  # the launcher read each job's metric from its run
+        score = child.data.metrics["best_val_acc"]  # trainer.monitor: val_acc
+        assert f"best_val_acc {score:.4f} (run {child.info.run_id})" in result.stderr
+        assert all(a in service.submitted[name].command for a in TINY)
     for name in service.submitted:  # one line per state change, with the Studio URL
         for state in ("Queued", "Running", "Completed"):
-            assert f": {state}  https://ml.azure.com/runs/{name}" in err
+            assert f": {state}  https://ml.azure.com/runs/{name}" in result.stderr
     # The run Azure ML makes for each job stays empty: training made a child of the parent.
+    client = MlflowClient(store)
     job_runs = client.search_runs([client.get_experiment_by_name("equip-jobs").experiment_id])
     assert len(job_runs) == 2 and not any(r.data.metrics for r in job_runs)
 
 
-def test_resume_failures_and_lower_is_better(store, sweep_env, capsys):
-    over = ["trainer.monitor=val_loss"]  # lower is better
-    points = [[*over, f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)]
-    launcher, _ = launcher_for(store)
-    launcher.service.client = service = FakeAzureML(store, fail=("model.lr=0.003",))
-    returns = launcher.launch(points, initial_job_idx=0)
-    values = [r.return_value for r in returns]
-    assert values[:2] == pytest.approx([-0.1, -0.2])  # val_loss, negated for the sweeper
-    assert values[2] == float("-inf")  # failed (the worst score), and the sweep goes on
-    assert "job failed" in capsys.readouterr().err
+def test_a_failed_job_and_a_resumed_sweep_submits_only_what_did_not_finish(store, tmp_path):
+    lrs = "model.lr=0.001,0.002,0.003"
+    service = FakeAzureML(store, fail=("model.lr=0.003",))
+    result = azure_sweep(tmp_path, store, service, lrs)
+    assert result.returncode == 4, result.stderr[-3000:]  # a sweep with failed jobs: exit 4
+    assert "job failed (the sweep goes on)" in result.stderr and len(service.submitted) == 3
 
-    # Resumed: finished jobs are not submitted again; the failed one is.
-    launcher, _ = launcher_for(store)
-    launcher.service.client = service = FakeAzureML(store)
-    returns = launcher.launch(points, initial_job_idx=0)
-    assert len(service.submitted) == 1
-    assert "model.lr=0.003" in next(iter(service.submitted.values())).command
-    assert [r.return_value for r in returns] == pytest.approx([-0.1, -0.2, -0.3])
-    assert capsys.readouterr().err.count("already FINISHED as run") == 2
-
-    launcher, _ = launcher_for(store)
-    launcher.service.client = FakeAzureML(store, fail=("model.lr=0.004",))
-    point = [*over, "multirun.continue_on_failure=false", "model.lr=0.004"]
-    (ret,) = launcher.launch([point], initial_job_idx=3)
-    with pytest.raises(RuntimeError, match="ended Failed"):
-        _ = ret.return_value  # Hydra's sweeper raises it and the sweep stops
+    service = FakeAzureML(store)  # the same command again: the parent and 2 jobs reused
+    result = azure_sweep(tmp_path, store, service, lrs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [again] = service.submitted.values()
+    assert "model.lr=0.003" in again.command
+    assert result.stderr.count("already FINISHED as run") == 2
+    parent, children = runs_of(store)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 3 and parent.info.status == "FINISHED"
 
 
-def test_ctrl_c_cancels_submitted_jobs(store, sweep_env, capsys):
-    launcher, _ = launcher_for(store, "hydra.launcher.max_concurrent=2")
-    launcher.service.client = service = FakeAzureML(store, interrupt_on_poll=True)
-    with pytest.raises(KeyboardInterrupt):
-        launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
+def test_optuna_gets_each_jobs_metric_negated_when_lower_is_better(store, tmp_path):
+    service = FakeAzureML(store)
+    optuna = ["sweep=learning_rate", "hydra.sweeper.n_trials=3", "trainer.monitor=val_loss"]
+    result = azure_sweep(tmp_path, store, service, *optuna)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = runs_of(store)
+    losses = [c.data.metrics["best_val_loss"] for c in children]  # the stand-in's: lr * 100
+    assert len(losses) == 3 and len(set(losses)) == 3
+    results = Path(parent.data.tags["equip.sweep_dir"]) / "optimization_results.yaml"
+    best = yaml.safe_load(results.read_text())
+    assert best["best_value"] == pytest.approx(-min(losses))  # maximised: the lowest loss
+    assert best["best_params"]["model.lr"] == pytest.approx(min(losses) / 100)
+
+
+def test_a_failed_job_stops_the_sweep_when_told_to(store, tmp_path):
+    service = FakeAzureML(store, fail=("model.lr=0.004",))
+    stop = "multirun.continue_on_failure=false"
+    result = azure_sweep(tmp_path, store, service, stop, "model.lr=0.004")
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = one_error_line(result, code=1)
+    assert "ended Failed, it recorded no run; the sweep stops here" in line
+
+
+def test_ctrl_c_cancels_submitted_jobs(store, tmp_path):
+    service = FakeAzureML(store, interrupt_on_poll=True)
+    lrs = "model.lr=0.001,0.002,0.003"
+    result = azure_sweep(tmp_path, store, service, "hydra.launcher.max_concurrent=2", lrs)
+    assert result.returncode == 130, result.stderr[-3000:]
     assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
-    assert "cancelled 2 Azure ML job(s); 1 were never submitted" in capsys.readouterr().err
+    assert "cancelled 2 Azure ML job(s); 1 were never submitted" in result.stderr
+    assert "Traceback" not in result.stderr
+    parent, _ = runs_of(store)  # ended as the process exits: the same command resumes it
+    assert parent.info.status == "KILLED"
 
 
-def test_a_refused_submission_cancels_the_others_and_is_one_line(store, sweep_env, capsys):
-    launcher, _ = launcher_for(store, "hydra.launcher.max_concurrent=3")
-    launcher.service.client = service = FakeAzureML(store, refuse_after=2)
-    with pytest.raises(SystemExit) as stop:
-        launcher.launch([[f"model.lr={lr}"] for lr in (0.001, 0.002, 0.003)], initial_job_idx=0)
-    assert stop.value.code == 2
+def test_a_refused_submission_cancels_the_others_and_is_one_line(store, tmp_path):
+    service = FakeAzureML(store, refuse_after=2)
+    lrs = "model.lr=0.001,0.002,0.003"
+    result = azure_sweep(tmp_path, store, service, "hydra.launcher.max_concurrent=3", lrs)
+    assert "equip: error: Azure ML refused job equip-" in one_error_line(result)
+    assert "QuotaExceeded" in result.stderr
     assert sorted(service.cancelled) == sorted(service.submitted) and len(service.cancelled) == 2
-    err = capsys.readouterr().err
-    assert "equip: error: Azure ML refused job equip-" in err and "QuotaExceeded" in err
 
 
-def test_status_blips_are_retried_and_a_lasting_outage_stops_the_sweep(store, sweep_env, capsys):
-    launcher, _ = launcher_for(store)
-    launcher.service.client = service = FakeAzureML(store)
+def test_status_blips_are_retried_and_a_lasting_outage_stops_the_sweep(store, tmp_path):
+    service = FakeAzureML(store)
     service.blips = 3
-    (ret,) = launcher.launch([["model.lr=0.001"]], initial_job_idx=0)
-    assert ret.return_value == pytest.approx(0.999)
-    assert capsys.readouterr().err.count("retrying at the next poll") == 3
+    result = azure_sweep(tmp_path / "a", store, service, "model.lr=0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("retrying at the next poll") == 3
+    assert "best_val_acc 0.9990" in result.stderr
 
-    launcher, _ = launcher_for(store)
-    launcher.service.client = service = FakeAzureML(store)
+    service = FakeAzureML(store)
     service.blips = 100
-    with pytest.raises(SystemExit):
-        launcher.launch([["model.lr=0.002"]], initial_job_idx=1)
+    result = azure_sweep(tmp_path / "b", store, service, "model.lr=0.002")
+    assert "could not read the status of Azure ML job" in one_error_line(result)
     assert service.cancelled == list(service.submitted)
-    assert "could not read the status of Azure ML job" in capsys.readouterr().err
 
 
-def test_a_throttled_read_is_retried_and_any_other_failing_read_stops_at_once(
-    store, sweep_env, capsys
-):
+def test_a_throttled_read_is_retried_and_any_other_failing_read_stops_at_once(store, tmp_path):
     from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-    launcher, _ = launcher_for(store)
-    launcher.service.client = service = FakeAzureML(store)
+    service = FakeAzureML(store)
     service.blips, service.blip = 2, HttpResponseError("(TooManyRequests) slow down")
     service.blip.status_code = 429
-    (ret,) = launcher.launch([["model.lr=0.001"]], initial_job_idx=0)
-    assert ret.return_value == pytest.approx(0.999)
-    assert capsys.readouterr().err.count("retrying at the next poll") == 2
+    result = azure_sweep(tmp_path / "a", store, service, "model.lr=0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("retrying at the next poll") == 2
 
-    launcher, _ = launcher_for(store)
     gone = ResourceNotFoundError("(UserError) job not found")
-    launcher.service.client = service = FakeAzureML(store, read_error=gone)
-    with pytest.raises(SystemExit):
-        launcher.launch([["model.lr=0.002"]], initial_job_idx=1)
-    assert service.cancelled == list(service.submitted)
-    err = capsys.readouterr().err
-    assert "retrying" not in err and "Not retried: not a network or service blip" in err
-    assert "ResourceNotFoundError (UserError) job not found" in err
+    service = FakeAzureML(store, read_error=gone)
+    result = azure_sweep(tmp_path / "b", store, service, "model.lr=0.002")
+    line = one_error_line(result)
+    assert "Not retried: not a network or service blip" in line
+    assert "ResourceNotFoundError (UserError) job not found" in line
+    assert service.cancelled == list(service.submitted) and "retrying" not in result.stderr
 
 
 @pytest.mark.slow  # runs the generated command: real (tiny) training, which fails
-def test_a_job_that_fails_is_a_failed_job_with_its_stderr_not_a_status_read_error(
-    store, tmp_path, sweep_env, capsys
-):
-    from tests.conftest import TINY
-
-    launcher, _ = launcher_for(store)
-    launcher.service.client = service = FakeAzureML(store, code=project_copy(tmp_path))
+def test_a_job_that_fails_is_a_failed_job_with_its_stderr_not_a_status_read_error(store, tmp_path):
+    service = FakeAzureML(store, code=project_copy(tmp_path))
     # val_fraction=0.01 passes the config checks but leaves classes without validation images.
-    point = [*TINY, "tracking.log_model=false", "data.val_fraction=0.01"]
-    (ret,) = launcher.launch([point], initial_job_idx=0)
-    assert ret.return_value == float("-inf")  # failed: the worst score, and the sweep goes on
-    err = capsys.readouterr().err
+    result = azure_sweep(tmp_path, store, service, "data.val_fraction=0.01")
+    assert result.returncode == 4, result.stderr[-3000:]  # a failed job, the sweep went on
+    err = result.stderr
     [name] = service.submitted
     assert f": Failed  https://ml.azure.com/runs/{name}" in err and "job failed" in err
     assert f"[stand-in] job {name} exited 2:" in err, err[-3000:]

@@ -64,7 +64,12 @@ def _ran_in(tags: dict[str, str], status: str, pid: int) -> bool:
     )
 
 
-def record_lost_job(parent_id: str | None, overrides: Sequence[str], reason: str) -> None:
+def record_lost_job(
+    parent_id: str | None,
+    overrides: Sequence[str],
+    reason: str,
+    tags: dict[str, str] | None = None,
+) -> None:
     """A FAILED child for a job lost before its run started, so the sweep counts it."""
     if not parent_id:
         return
@@ -75,7 +80,7 @@ def record_lost_job(parent_id: str | None, overrides: Sequence[str], reason: str
     run = client.create_run(
         client.get_run(parent_id).info.experiment_id,
         run_name=" ".join(swept_overrides(overrides, keys)) or "lost job",
-        tags={schema.PARENT: parent_id, schema.ERROR: schema.truncate(reason)},
+        tags={**(tags or {}), schema.PARENT: parent_id, schema.ERROR: schema.truncate(reason)},
     )
     client.set_terminated(run.info.run_id, "FAILED")
 

@@ -265,7 +265,12 @@ class SweepTracker(Callback):
         exp = MlflowClient().get_run(parent_id).info.experiment_id
         say(f"sweep parent: {tracking.run_location(uri, exp, parent_id)}")
         context.clear_sweep()
-        failed, jobs = board["counts"]["jobs_failed"], len(board["rows"])
+        # This command's jobs: a failure a resumed sweep has since rerun is history, not news.
+        failed = sum(
+            r["status"] in ("FAILED", "KILLED") and (r["start_time"] or 0) >= self.started * 1000
+            for r in board["rows"]
+        )
+        jobs = len(board["rows"])
         if failed:  # train.py exits with it once Hydra is done (exit_if_jobs_failed)
             _outcome["failed"] = (
                 f"{failed} of {jobs} jobs of {board['parent'].info.run_name!r} failed (FAILED "

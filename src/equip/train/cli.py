@@ -48,7 +48,7 @@ def one_line_errors() -> Iterator[None]:
 
         exit_if_jobs_failed()  # a sweep that ran to its end with failed jobs: exit 4
     except EquipError as e:
-        fail(str(e), 2)
+        fail(str(e), e.exit_code)
     except (HydraException, OmegaConfBaseException) as e:
         fail_if_refused(e)  # a sweep callback's request the store refused (Hydra wraps it)
         text = str(e).split("Config search path")[0]  # Hydra's search path is noise here

@@ -36,11 +36,12 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from equip.errors import EquipError
+from equip.errors import EquipError, JobFailed
 from equip.launchers.azureml import jobs
 from equip.launchers.azureml.jobs import AzureJob
 from equip.launchers.azureml.service import TERMINAL, JobService
 from equip.launchers.azureml.settings import LauncherSettings, check_settings, require_sdk
+from equip.launchers.runs import record_lost_job
 from equip.sweep import context
 from equip.terminal import fail, say
 from equip.track import queries, schema
@@ -89,6 +90,8 @@ class AzureMLLauncher(Launcher):
             return self._launch(job_overrides, initial_job_idx)
         except EquipError as e:
             fail(str(e), 2)
+        except KeyboardInterrupt:  # the jobs are cancelled and said so (_run): no traceback
+            raise SystemExit(130) from None
 
     def _launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -238,10 +241,16 @@ class AzureMLLauncher(Launcher):
         why = f"Azure ML job {j.name} ended {j.status}" + (
             f", its run is {run.info.status}" if run is not None else ", it recorded no run"
         )
+        if run is None:  # failed before training (image build, quota, a lost node): counted
+            job_tags = {jobs.JOB_TAG: j.name, jobs.KEY_TAG: j.launch_key}
+            record_lost_job(parent, j.overrides, f"{why}; its logs: {j.url}", job_tags)
         if j.cfg.multirun.continue_on_failure:
             say(("job failed", "bold red"), f" (the sweep goes on): {why}  {j.url}")
             return job_return(j, context.FAILED_JOB_SCORE, JobStatus.COMPLETED, sweep_dir)
-        return job_return(j, RuntimeError(f"{why}: {j.url}"), JobStatus.FAILED, sweep_dir)
+        stop = JobFailed(
+            f"{why}; the sweep stops here (multirun.continue_on_failure=false): {j.url}"
+        )
+        return job_return(j, stop, JobStatus.FAILED, sweep_dir)
 
 
 def finished_children(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
