@@ -177,7 +177,8 @@ class ModelHolder:
             try:
                 self.reload()
             except Exception as e:  # the store went away for a while: keep serving, try again
-                say(f"equip app: could not look up {self.uri}: {strip_secrets(str(e))[:300]}")
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                say(f"equip app: could not look up {self.uri}: {strip_secrets(reason)[:300]}")
 
     def stop(self) -> None:
         self._stop.set()
