@@ -165,6 +165,8 @@ def test_the_page_shows_each_photo_with_the_classes_predict_gives(
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1100, "height": 700})
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
         page.goto(app.url)
         page.wait_for_selector("body[data-ready=true]")
         assert page.locator("#model-name").inner_text() == NAME
@@ -180,6 +182,8 @@ def test_the_page_shows_each_photo_with_the_classes_predict_gives(
             page.set_input_files("#files", [str(f) for f in gear])
         cards = shown(page, 1 + len(gear))
         assert page.locator("#error").is_hidden()
+        # Offline: everything the page loads comes from the app (the photos from the page).
+        assert [u for u in requested if not u.startswith((app.url, "blob:"))] == []
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     mlflow.set_tracking_uri(registered.uri)
@@ -405,3 +409,14 @@ def test_the_run_link_goes_to_the_mlflow_ui_of_the_store():
         "url": "http://127.0.0.1:5000/#/experiments/4/runs/abc",
     }
     assert run_link("azureml://eastus.api.azureml.ms/mlflow/v1.0/x", "4", "abc") == {}
+
+
+def test_the_commands_load_torch_and_the_web_stack_only_to_serve():
+    """`equip -h`, `python -m equip.app -h` and the other commands start fast."""
+    code = (
+        "import sys, equip.cli, equip.app; equip.cli.main(['-h']); equip.app.main(['-h']); "
+        "print(sorted({'torch', 'lightning', 'fastapi', 'uvicorn'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
