@@ -356,6 +356,12 @@ def test_a_new_champion_is_served_without_a_restart(registered: Registered):
         holder.poll(0.05)
         wait_until(lambda: holder.current.version == "3", "the poller to serve version 3")
         assert requests.get(f"{server.url}/model", timeout=60).json()["version"] == "3"
+
+        holder.stop()
+        client.delete_model_version_tag(name, "3", schema.champion_tag("champion"))
+        reply = requests.post(f"{server.url}/reload", timeout=60)  # no champion: keep serving
+        assert reply.status_code == 503 and "still serving models:/app-reloaded/3" in reply.text
+        assert requests.get(f"{server.url}/model", timeout=60).json()["version"] == "3"
     finally:
         holder.stop()
         server.stop()

@@ -4,7 +4,7 @@
     POST /predict  photos as multipart (field `files`) or JSON {"images": [base64, ...]}
     GET  /model    name, version, run id, classes, image size, runtime, where to see the run
     GET  /health   {"status": "ok", ...} once a model is loaded
-    POST /reload   serve the registry's champion now (a fixed model URI: 409)
+    POST /reload   serve the registry's champion now (a fixed model URI: 409; none found: 503)
 
 Every error is one line of JSON, `{"error": "..."}`: 4xx for the client's mistakes (equip.serve's
 bounds: a body over MAX_REQUEST_BYTES is refused 413 from its size before it is read), 500 with
@@ -18,15 +18,15 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from equip.serve.app._requests import ClientError, classify, read_photos
-from equip.serve.app.models import ModelHolder
+from equip.serve.app.models import ModelHolder, first_line, follows_champion
 from equip.serve.pyfunc import MAX_IMAGE_BYTES, MAX_PIXELS, MAX_ROWS
 from equip.serve.request_limit import MAX_REQUEST_BYTES, RequestSizeLimit
+from equip.terminal import say
 
 MB = 2**20
 
@@ -73,9 +73,17 @@ def create_app(holder: ModelHolder) -> Any:
 
     @api.post("/reload")
     def reload() -> JSONResponse:
-        if not holder.current.describe()["follows_champion"]:
+        if not follows_champion(holder.uri):
             return error(409, f"model={holder.uri} is one fixed model; nothing to reload")
-        changed = holder.reload()
+        try:
+            changed = holder.reload()
+        except Exception as e:  # no champion now, or the store is away: the model stays served
+            say(f"equip app: could not look up {holder.uri}: {first_line(e)}")
+            return error(
+                503,
+                f"no champion of {holder.uri} could be looked up now; still serving "
+                f"{holder.current.location} (the server's log says why)",
+            )
         return JSONResponse({"changed": changed, **holder.current.describe()})
 
     @api.post("/predict")
@@ -101,10 +109,6 @@ def _errors_as_one_line(api: FastAPI) -> None:
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         return error(e.status_code, str(e.detail))  # 404, 405: Starlette's own short words
-
-    @api.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error(400, "the request does not match the API; see GET /model and the docs")
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:

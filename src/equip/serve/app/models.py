@@ -56,6 +56,11 @@ def follows_champion(uri: str) -> bool:
     return TAGGED.match(uri) is not None
 
 
+def first_line(error: BaseException) -> str:
+    """An error in one line for the server's log, secrets cut out."""
+    return strip_secrets((str(error).strip().splitlines() or [type(error).__name__])[0])[:300]
+
+
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> dict[str, str]:
     """Where the run is seen in the MLflow UI: a link on an MLflow server; for a local store,
     the command that opens the UI on it and the page to open there."""
@@ -177,8 +182,7 @@ class ModelHolder:
             try:
                 self.reload()
             except Exception as e:  # the store went away for a while: keep serving, try again
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                say(f"equip app: could not look up {self.uri}: {strip_secrets(reason)[:300]}")
+                say(f"equip app: could not look up {self.uri}: {first_line(e)}")
 
     def stop(self) -> None:
         self._stop.set()
