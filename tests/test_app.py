@@ -426,3 +426,13 @@ def test_the_commands_load_torch_and_the_web_stack_only_to_serve():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_the_command_serves_a_new_champion_on_request(app: RunningApp, registered: Registered):
+    """Last of the module's uses of `app` (it moves the champion): the command's process, whose
+    objects are frozen out of the collector's sight, swaps in the new version too."""
+    version = crown_a_copy(MlflowClient(registered.uri), NAME, 1e9)
+    reply = requests.post(f"{app.url}/reload", timeout=120).json()
+    assert (reply["changed"], reply["version"]) == (True, version)
+    answer = post_files(app.url, [("a.png", write_png_bytes())]).json()
+    assert answer["model"]["version"] == version and len(answer["predictions"]) == 1

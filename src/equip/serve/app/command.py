@@ -13,6 +13,7 @@ POST /predict, GET /model, GET /health, POST /reload (docs/registry-and-serving.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         fail_if_refused(e)
         raise
+    # The libraries and the model live as long as the server: out of the collector's sight, its
+    # full collections no longer walk their ~700k objects (a pause in some request) and the
+    # process exits in 1 s after Ctrl-C, not 6 (measured on 2 busy cores).
+    gc.freeze()
     served = holder.current
     say(
         f"equip app: {server.url}  model {served.location} (run {served.run_id or '?'}); "

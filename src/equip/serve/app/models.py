@@ -9,6 +9,7 @@ a run id) names one fixed model, which is never reloaded.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,10 @@ class ModelHolder:
             if location == self.current.location:
                 return False
             self.current = self._load(self.uri)
+            if gc.get_freeze_count():  # the command froze the replaced model: free its cycles
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
         say(f"equip app: now serving {self.current.location} (the new {self.uri})")
         return True
 
