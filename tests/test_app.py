@@ -129,10 +129,10 @@ def gear_photos() -> list[Path]:
     return [sorted(f for f in folder.iterdir() if f.is_file())[0] for folder in folders]
 
 
-DROP = """([name, data]) => {
+DROP = """([name, data, type]) => {
   const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
   const files = new DataTransfer();
-  files.items.add(new File([bytes], name, {type: "image/png"}));
+  files.items.add(new File([bytes], name, {type: type}));
   document.getElementById("drop").dispatchEvent(
     new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
 }"""
@@ -176,7 +176,8 @@ def test_the_page_shows_each_photo_with_the_classes_predict_gives(
             page.locator("#run-hint").inner_text()
             == f"mlflow ui --backend-store-uri {registered.uri}"
         )
-        page.evaluate(DROP, ["drawn.png", base64.b64encode(synthetic.read_bytes()).decode()])
+        drawn = base64.b64encode(synthetic.read_bytes()).decode()
+        page.evaluate(DROP, ["drawn.png", drawn, "image/png"])
         shown(page, 1)
         if gear:
             page.set_input_files("#files", [str(f) for f in gear])
@@ -185,6 +186,8 @@ def test_the_page_shows_each_photo_with_the_classes_predict_gives(
         # Offline: everything the page loads comes from the app (the photos from the page).
         assert [u for u in requested if not u.startswith((app.url, "blob:"))] == []
         page.screenshot(path=str(shot), full_page=True)
+        page.evaluate(DROP, ["notes.txt", base64.b64encode(b"a note").decode(), "text/plain"])
+        assert page.locator("#error").inner_text() == "not images, left out: notes.txt"
         browser.close()
     mlflow.set_tracking_uri(registered.uri)
     predict = load_predictor(f"models:/{NAME}@champion")
