@@ -29,11 +29,22 @@ class TooLarge(Exception):
     pass
 
 
-class RequestSizeLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, before the app reads it."""
+def mlflow_error(text: str) -> bytes:
+    """An error body in MLflow's scoring server's format."""
+    return json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": text}).encode()
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int = MAX_REQUEST_BYTES):
-        self.app, self.max_bytes = app, max_bytes
+
+class RequestSizeLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, before the app reads it; the
+    body of the answer is `error_body(one line)` (MLflow's format unless told)."""
+
+    def __init__(
+        self,
+        app: Callable[..., Awaitable[None]],
+        max_bytes: int = MAX_REQUEST_BYTES,
+        error_body: Callable[[str], bytes] = mlflow_error,
+    ):
+        self.app, self.max_bytes, self.error_body = app, max_bytes, error_body
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,7 +53,7 @@ class RequestSizeLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit():
             if int(length) > self.max_bytes:
-                await _refuse(int(length), self.max_bytes, receive, send)
+                await _refuse(int(length), self.max_bytes, receive, send, self.error_body)
             else:
                 await self.app(scope, receive, send)
             return
@@ -59,12 +70,14 @@ class RequestSizeLimit:
         try:
             await self.app(scope, counted, send)
         except TooLarge:
-            await _refuse(received, self.max_bytes, receive, send)
+            await _refuse(received, self.max_bytes, receive, send, self.error_body)
 
 
-async def _refuse(size: int, limit: int, receive: Receive, send: Send) -> None:
-    """Read the rest of the body into nothing, then answer 413 with one line (MLflow's error
-    format), so that the client, still sending, gets the answer."""
+async def _refuse(
+    size: int, limit: int, receive: Receive, send: Send, error_body: Callable[[str], bytes]
+) -> None:
+    """Read the rest of the body into nothing, then answer 413 with one line, so that the
+    client, still sending, gets the answer."""
     message: Message = {"more_body": True}
     while message.get("more_body") and message.get("type") != "http.disconnect":
         message = await receive()
@@ -72,7 +85,7 @@ async def _refuse(size: int, limit: int, receive: Receive, send: Send) -> None:
         f"request body of {size / MB:.0f} MB; a request holds at most {limit // MB} MB: send "
         "fewer or smaller images per request"
     )
-    body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": text}).encode()
+    body = error_body(text)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
