@@ -95,9 +95,10 @@ def parse(args: list[str]) -> DictConfig:
 
 
 def _check_keys(given: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    keys = list(schema.keys())  # (`in` on the config itself skips the ??? target)
     for key, value in given.items():
-        if key not in schema.keys():  # (`in` on the config itself skips the ??? target)
-            known = ", ".join(f"{prefix}{k}" for k in schema)
+        if key not in keys:
+            known = ", ".join(f"{prefix}{k}" for k in keys)
             raise EquipError(
                 f"unknown key {prefix}{key}=...; python -m equip.deploy takes {known}."
             )
