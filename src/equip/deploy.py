@@ -22,6 +22,7 @@ import sys
 
 from equip.errors import EquipError
 from equip.launchers.azureml import endpoint_spec
+from equip.launchers.azureml.endpoint_spec import DEFAULTS as DEFAULTS  # its keys, for the docs
 from equip.terminal import fail, fail_if_refused
 
 

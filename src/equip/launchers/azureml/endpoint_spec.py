@@ -8,6 +8,7 @@ else (no scoring script, no environment): Azure ML serves MLflow models without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class DeploySettings:
     port: int | None = None  # target=local: the app's port and host (its defaults when null)
     host: str | None = None
     tracking: WorkspaceKeys = field(default_factory=WorkspaceKeys)
+
+
+# The keys and their defaults (tests/test_docs.py checks documented commands' keys against them).
+DEFAULTS: dict[str, Any] = dataclasses.asdict(DeploySettings())
 
 
 @dataclass
