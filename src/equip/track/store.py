@@ -9,6 +9,7 @@ under a file lock beside it, and a sweep holds a lock of its own while it runs (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.parse
@@ -259,9 +260,12 @@ def experiment_id(tracking: DictConfig) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if schema.EXPERIMENT_KIND not in exp.tags:  # made before equip tagged it, or by hand
-            client.set_experiment_tag(
-                exp.experiment_id, schema.EXPERIMENT_KIND, schema.MODEL_TRAINING
-            )
+            # Only how UIs label it: a store refusing the tag must not stop a run (the next
+            # request reports a store that is down).
+            with contextlib.suppress(MlflowException):
+                client.set_experiment_tag(
+                    exp.experiment_id, schema.EXPERIMENT_KIND, schema.MODEL_TRAINING
+                )
         reap_stale_runs(exp.experiment_id, float(tracking.get("stale_after_s", 1800)))
         return exp.experiment_id
     location = None
