@@ -174,6 +174,7 @@ SERVED: dict[str, Call] = {
     "tag a version": lambda c, k: c.set_model_version_tag("standin-model", "1", "champ", "true"),
     "untag a version": lambda c, k: c.delete_model_version_tag("standin-model", "1", "champ"),
     "describe a version": lambda c, k: c.update_model_version("standin-model", "1", "checked"),
+    "tag an experiment": lambda c, k: c.set_experiment_tag(k["exp"], "team", "gear"),
     "an artifact": lambda c, k: mlflow.artifacts.load_text(f"{k['artifacts']}/notes/hello.txt"),
     "artifacts": lambda c, k: mlflow.artifacts.list_artifacts(f"{k['artifacts']}/notes"),
 }
@@ -191,6 +192,24 @@ def test_it_serves_what_a_workspace_supports(
     assert got["an artifact"] == "hello"
     assert [f.path for f in got["artifacts"]] == ["notes/hello.txt"]
     assert client.get_model_version("standin-model", "1").description == "checked"
+
+
+def test_equips_experiments_open_as_model_training_on_a_workspace(
+    workspace: Workspace, client: MlflowClient, known: dict[str, str]
+):
+    """A new experiment is created with mlflow.experimentKind; one made without it (`known`'s)
+    gets it when equip uses it; both with requests the workspace serves."""
+    from omegaconf import OmegaConf
+
+    from equip.track import schema, store
+
+    before = len(workspace.rejected)
+    assert schema.EXPERIMENT_KIND not in client.get_experiment(known["exp"]).tags
+    made = store.experiment_id(OmegaConf.create({"experiment": "standin-kind"}))
+    used = store.experiment_id(OmegaConf.create({"experiment": "standin-rules"}))
+    assert used == known["exp"] and workspace.rejected[before:] == []
+    for exp in (made, used):
+        assert client.get_experiment(exp).tags[schema.EXPERIMENT_KIND] == "custom_model_development"
 
 
 def test_the_workspace_uri_is_read_from_azure_resource_manager(workspace: Workspace, client):

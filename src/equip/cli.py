@@ -14,6 +14,7 @@ COMMANDS = {
     "predict": ("equip.predict", "classify photos with a model, to a table and a CSV"),
     "leaderboard": ("equip.leaderboard", "a sweep's leaderboard, from the store"),
     "champion": ("equip.champion", "print models:/NAME/VERSION of a model's champion"),
+    "deploy": ("equip.deploy", "the champion to an Azure ML online endpoint, or the app here"),
 }
 
 

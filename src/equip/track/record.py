@@ -100,11 +100,17 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_location(uri: str, experiment: str, run_id: str) -> str:
-    """Where a person finds the run: a UI link for servers, the `mlflow ui` command otherwise."""
+    """Where a person finds the run: a UI link for servers, the `mlflow ui` command otherwise.
+    The link opens MLflow 3.15's model-training view: its UI picks GenAI or model training by
+    this parameter (else the last choice in the browser, GenAI at first), not by the
+    experiment's mlflow.experimentKind tag."""
     uri = strip_secrets(uri)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?{UI_TRAINING_VIEW}"
     return f"run {run_id} in {uri}  (browse: mlflow ui --backend-store-uri {uri})"
 
 

@@ -32,6 +32,12 @@ PID = "equip.pid"  # command marks the run KILLED when that process is gone
 PID_STARTED = "equip.pid_started"
 HEARTBEAT = "equip.heartbeat"  # unix time, updated every epoch
 
+# ---------------------------------------------------------------- tags of equip's experiments
+# MLflow's own tag for what an experiment is for, with the value its UI's kind selector writes
+# for model training ("Machine learning"); without it MLflow 3 treats an experiment as GenAI.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
 # ---------------------------------------------------------------- tags of a sweep's parent run
 SWEEP_KEY = "equip.sweep_key"
 SWEEP_DIR = "equip.sweep_dir"

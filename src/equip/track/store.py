@@ -9,6 +9,7 @@ under a file lock beside it, and a sweep holds a lock of its own while it runs (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.parse
@@ -18,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from equip.errors import EquipError, StoreUnavailable
+from equip.track import schema
 from equip.track._azureml import azureml_uri, require_azure_extra
 from equip.track._azureml import workspace_of as workspace_of  # re-exported: launchers use it
 from equip.track._lock import OwnedLock as OwnedLock  # re-exported: a sweep holds one
@@ -257,12 +259,20 @@ def experiment_id(tracking: DictConfig) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if schema.EXPERIMENT_KIND not in exp.tags:  # made before equip tagged it, or by hand
+            # Only how UIs label it: a store refusing the tag must not stop a run (the next
+            # request reports a store that is down).
+            with contextlib.suppress(MlflowException):
+                client.set_experiment_tag(
+                    exp.experiment_id, schema.EXPERIMENT_KIND, schema.MODEL_TRAINING
+                )
         reap_stale_runs(exp.experiment_id, float(tracking.get("stale_after_s", 1800)))
         return exp.experiment_id
     location = None
     if artifact_root and client.tracking_uri.startswith(("sqlite:", "file:", "/")):
         location = (Path(artifact_root).resolve() / name).as_uri()
+    kind = {schema.EXPERIMENT_KIND: schema.MODEL_TRAINING}
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=kind)
     except MlflowException:  # a parallel job created it first
         return client.get_experiment_by_name(name).experiment_id

@@ -73,8 +73,20 @@ def _transient(e: Exception) -> bool:
     return isinstance(status, int) and (status in (408, 429) or status >= 500)
 
 
-def _not_found(e: Exception) -> bool:
+def not_found(e: Exception) -> bool:
     return type(e).__name__ == "ResourceNotFoundError"
+
+
+def workspace_client(tracking: DictConfig) -> Any:
+    """MLClient of the workspace tracking.* names, signed in by azure-identity (az login, a
+    service principal or a managed identity; never a browser). Nothing is sent until its first
+    request."""
+    from azure.ai.ml import MLClient
+    from azure.identity import DefaultAzureCredential
+
+    sub, group, ws = store.workspace_of(tracking)
+    credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
+    return MLClient(credential, sub, group, ws)
 
 
 class JobService:
@@ -90,17 +102,13 @@ class JobService:
     def client(self) -> Any:
         """MLClient of the tracking workspace, opened on first use (the compute checked)."""
         if self._client is None:
-            from azure.ai.ml import MLClient
-            from azure.identity import DefaultAzureCredential
-
-            sub, group, ws = store.workspace_of(self.tracking)
-            credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
-            client = MLClient(credential, sub, group, ws)
+            client = workspace_client(self.tracking)
+            ws = client.workspace_name
             with azure_errors(f"workspace {ws}"):
                 try:
                     client.compute.get(self.compute)
                 except Exception as e:
-                    if not _not_found(e):
+                    if not not_found(e):
                         raise
                     names = [c.name for c in client.compute.list()]
                     raise EquipError(
@@ -126,7 +134,7 @@ class JobService:
                 try:
                     asset = self.client.data.get(name, version=version)
                 except Exception as e:
-                    if not _not_found(e):
+                    if not not_found(e):
                         raise
                     say(f"uploading {local} as data asset {name}:{version} (once)")
                     asset = self.client.data.create_or_update(
