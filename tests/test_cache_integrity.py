@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from equip.data import _imagestore
 from equip.data.images import load_folder, load_synthetic, synthetic_cache_file
 from equip.data.synthetic import make_synthetic
 from equip.errors import EquipError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 WARNING = "damaged cache entry"
 SMALL = ["data.image_size=32", "data.batch_size=16", "trainer=debug", "tracking.log_model=false"]
@@ -41,22 +38,6 @@ def _train(store: str, *args: str) -> tuple[dict[str, str], dict[str, float]]:
     run = MlflowClient(store).get_run(train(cfg, [])["run_id"])
     val = {k: v for k, v in run.data.metrics.items() if k.startswith("val_")}
     return run.data.tags, val
-
-
-def _cli(tmp_path: Path, *args: str) -> str:
-    """`python train.py ARGS` on this checkout; its output."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def _write_photos(root: Path, per_class: int) -> None:
@@ -111,7 +92,9 @@ def test_a_damaged_built_in_set_is_drawn_again_and_trains_as_before(
 
     # `python train.py` on scrambled pixels: one warning line in its output names the file.
     _scramble_pixels(path)
-    [line] = _warnings(_cli(tmp_path, *args))
+    proc = run_cli(*args, cwd=tmp_path, tiny=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = _warnings(proc.stdout + proc.stderr)
     assert str(path) in line and "pixels do not match their checksum" in line, line
     assert np.array_equal(np.load(path), fresh)  # drawn again on disk
     again, again_val = _latest_run(tmp_path)

@@ -21,7 +21,6 @@ from equip.train.cli import run_training
 from equip.train.run import train
 from tests.conftest import (
     ENDLESS,
-    FAST,
     ROOT,
     TINY,
     ctrl_c_a_training_sweep,
@@ -31,6 +30,7 @@ from tests.conftest import (
     open_when_created,
     parent_and_children,
     port_nobody_listens_on,
+    run_cli,
     start_mlflow_server,
     sweep,
     train_in_process,
@@ -88,18 +88,6 @@ BAD_INPUTS = [
 ]
 
 
-def run_train(args: list[str], cwd: Path, env: dict | None = None):
-    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "trainer.progress_bar=false", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**base, **(env or {})},
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "shown", "secret"),
     [
@@ -149,11 +137,11 @@ def test_bad_inputs_get_one_line_from_the_real_command(tmp_path: Path):
         cwd = tmp_path / str(i)
         cwd.mkdir()
         (cwd / "a_file").write_text("not a folder")
-        check_one_line(args, key, run_train(args, cwd), cwd)
+        check_one_line(args, key, run_cli(*args, cwd=cwd, tiny=False), cwd)
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(case, IN_A_PROCESS))
-    env_case = run_train([], tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite://x.db"})
+    env_case = run_cli(cwd=tmp_path, tiny=False, env={"MLFLOW_TRACKING_URI": "sqlite://x.db"})
     check_one_line(["MLFLOW_TRACKING_URI=sqlite://x.db"], "MLFLOW_TRACKING_URI", env_case, tmp_path)
 
 
@@ -230,7 +218,7 @@ def test_a_run_killed_with_sigkill_is_marked_killed_by_the_next_command(tmp_path
         proc.kill()
         proc.wait()
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody could say otherwise
-    nxt = run_train([*FAST, "trainer.max_epochs=1"], tmp_path)
+    nxt = run_cli("tracking.log_model=false", "trainer.max_epochs=1", cwd=tmp_path)
     assert nxt.returncode == 0, nxt.stderr[-3000:]
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED"
