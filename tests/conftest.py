@@ -74,12 +74,15 @@ def _no_tracking_uri_leaks():
         os.environ.pop(name, None)
 
 
+_at_pytest_exit = atexit.register  # not train_in_process's stand-in for a process's exit
+
+
 @functools.cache
 def _template_store() -> Path:
     """A store MLflow itself created, once per test process: creating one runs its schema
     migrations (seconds); each test gets a copy, as real a store as any."""
     folder = Path(tempfile.mkdtemp(prefix="equip-store-template-"))
-    atexit.register(shutil.rmtree, folder, True)
+    _at_pytest_exit(shutil.rmtree, folder, True)
     db = folder / "mlflow.db"
     MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
     return db
