@@ -65,6 +65,10 @@ class TorchRunner:
     as the ONNX graph (equip.serve.onnx_export.ProbabilityNet)."""
 
     name = "torch"
+    # Photos per network call: the activations of a few 128 px images stay in the CPU's caches;
+    # 60 photos in one call took 1.9x the CPU time of 15 calls of 4 (gear CNN, one core). ONNX
+    # Runtime's time does not depend on it.
+    chunk = 4
 
     def __init__(self, classifier: Classifier) -> None:
         from equip.serve.onnx_export import ProbabilityNet
@@ -75,8 +79,10 @@ class TorchRunner:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
+        x = torch.from_numpy(images)
         with torch.inference_mode():
-            return self.net(torch.from_numpy(images)).numpy()
+            parts = [self.net(x[i : i + self.chunk]) for i in range(0, len(x), self.chunk)]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, len(self.classes)), np.float32)
 
 
 Runner = OnnxRunner | TorchRunner
