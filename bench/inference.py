@@ -8,12 +8,14 @@ Photos: the gear photos (../shared/data/gear_images, or --photos) when present, 
 built-in synthetic images encoded as 300 px JPEGs. Rounds alternate the cases, so that load on
 the machine hits them alike.
 
-    python bench/inference.py [--photos DIR] [--cores 2] [--batch 60] [--single 100] [--rounds 5]
+    python bench/inference.py [--photos DIR | --synthetic] [--cores 2] [--batch 60]
+                              [--single 40] [--rounds 5]
 
-Single photo: p50/p95 of one base64 photo through pyfunc.predict (decode, preprocess, network,
-DataFrame out) against the raw forward of its preprocessed tensor (Classifier.forward in eval:
-the image and its mirror). Batch: photos/s for --batch photos in one request against the raw
-forward of the --batch tensors.
+Single photo: p50/p95 (wall clock, and the process's CPU time, which load does not inflate) of
+one base64 photo through pyfunc.predict (decode, preprocess, network, DataFrame out) against
+the raw forward of its preprocessed tensor (Classifier.forward in eval: the image and its
+mirror). Batch: photos/s for --batch photos in one request against the raw forward of the
+--batch tensors in one call. The machine's load average is printed with the numbers.
 """
 
 from __future__ import annotations
@@ -98,18 +100,21 @@ def log_and_load(checkpoint: str, folder: Path, image_size: int):
     return models, log_s, export_s
 
 
-def timed(cases: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict:
-    """Seconds per call of each case, the cases alternating within every round."""
+def timed(cases: dict[str, Callable[[], object]], rounds: int, per_round: int) -> tuple:
+    """Seconds per call of each case, the cases alternating within every round: wall clock,
+    and the process's CPU time (all threads), which a loaded machine does not inflate."""
     for call in cases.values():  # warm-up: first-call allocations, lazy inits
         call()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, call in cases.items():
             for _ in range(per_round):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 call()
-                samples[name].append(time.perf_counter() - t0)
-    return samples
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def pct(values: list[float], q: float) -> float:
@@ -131,7 +136,6 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")  # equip's own checkpoint
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.cores])
 
-    import numpy as np
     import pandas as pd
     import torch
 
@@ -155,7 +159,7 @@ def main() -> None:
 
         return forward
 
-    single = timed(
+    single, single_cpu = timed(
         {
             "pyfunc, torch": lambda: models["torch"].predict(one_frame),
             "pyfunc, onnx": lambda: models["onnx"].predict(one_frame),
@@ -165,7 +169,7 @@ def main() -> None:
         a.rounds,
         a.single,
     )
-    batch = timed(
+    batch, _ = timed(
         {
             "pyfunc, torch": lambda: models["torch"].predict(batch_frame),
             "pyfunc, onnx": lambda: models["onnx"].predict(batch_frame),
@@ -175,23 +179,34 @@ def main() -> None:
         a.rounds,
         1,
     )
-    report(single, batch, a, what, log_s, export_s, np)
+    report(
+        single,
+        single_cpu,
+        batch,
+        a,
+        what,
+        f"model logged in {log_s:.1f} s (ONNX export {export_s:.1f} s)",
+    )
 
 
-def report(single: dict, batch: dict, a, what: str, log_s: float, export_s: float, np) -> None:
+def report(single: dict, cpu: dict, batch: dict, a, what: str, logged: str) -> None:
     raw_p50 = pct(single["raw forward"], 50)
     raw_rate = a.batch / statistics.median(batch["raw forward"])
     print(
         f"experiment=gear CNN (untrained), {a.image_size} px, mirror TTA; {what}; {a.cores} cores; "
-        f"{a.rounds} rounds; model logged in {log_s:.1f} s (ONNX export {export_s:.1f} s); "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"{a.rounds} rounds; {logged}; load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'case':<20}{'1 photo p50':>14}{'p95':>12}{'x raw':>8}{'photos/s':>10}{'x raw':>8}")
+    print(
+        f"{'case':<20}{'1 photo p50':>14}{'p95':>12}{'x raw':>8}{'CPU p50':>11}{'x raw':>8}"
+        f"{'photos/s':>10}{'x raw':>8}"
+    )
+    raw_cpu = pct(cpu["raw forward"], 50)
     for name in single:
         p50, p95 = pct(single[name], 50), pct(single[name], 95)
         rate = a.batch / statistics.median(batch[name])
         print(
             f"{name:<20}{p50 * 1e3:>11.2f} ms{p95 * 1e3:>9.2f} ms{p50 / raw_p50:>8.2f}"
+            f"{pct(cpu[name], 50) * 1e3:>8.2f} ms{pct(cpu[name], 50) / raw_cpu:>8.2f}"
             f"{rate:>10.1f}{rate / raw_rate:>8.2f}"
         )
     print(
