@@ -8,4 +8,11 @@ import os
 # a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# MLflow's own lines are not the user's: its INFO lines (a new store's table creation) and the
+# "Downloading artifacts" progress bars that every model save and load prints. MLflow's own
+# settings, so MLFLOW_LOGGING_LEVEL=INFO or MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true in the
+# environment bring them back. The level is read when mlflow is imported; the bar at each use.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 __version__ = "0.1.0"

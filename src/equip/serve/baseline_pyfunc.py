@@ -78,7 +78,7 @@ def log_baseline_pyfunc(pipeline, classes: list[str], image_size: int) -> str:
             pipeline, path, skops_trusted_types=TRUSTED_SKLEARN_TYPES, pip_requirements=requirements
         )
         return log_run_model(
-            python_model=BaselineImageModel(),
+            Path(__file__).with_name("_baseline_model.py"),  # models from code: no CloudPickle
             artifacts={"pipeline": path},
             model_config={"classes": list(classes), "image_size": image_size, "image_root": ""},
             signature=model_signature(classes),

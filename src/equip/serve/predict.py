@@ -1,12 +1,14 @@
 """Classify photos with a trained model:
 
     python -m equip.predict model=models:/equip-gear@champion images=PATH [output=predictions.csv]
+                            [runtime=auto|onnx|torch]
 
 `model` is a registered model (models:/NAME/VERSION, or models:/NAME@champion for the version
 equip tagged champion), a run (runs:/ID/model or just the run id) or a local Lightning
 checkpoint (.ckpt). `images` is a file or a folder; when the folder is a class-per-folder tree
-whose names are the model's classes, accuracy is printed. Options are key=value pairs
-(OmegaConf dotlist), like train.py's overrides.
+whose names are the model's classes, accuracy is printed. `runtime` runs the network on ONNX
+Runtime (the model's model.onnx) or torch; auto (the default) takes ONNX Runtime where the model
+has one. Options are key=value pairs (OmegaConf dotlist), like train.py's overrides.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from equip.errors import EquipError
+from equip.serve.runtimes import check_runtime
 from equip.terminal import fail, fail_if_refused, report
 from equip.track.refusals import store_refusal
 
@@ -28,6 +31,7 @@ DEFAULTS = {
     "output": "predictions.csv",
     "tracking_uri": None,
     "show": 30,
+    "runtime": "auto",
 }
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 TAGGED = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
@@ -48,21 +52,29 @@ def find_images(path: Path) -> list[Path]:
     return files
 
 
-def load_predictor(model: str):
-    """A callable DataFrame(image=base64) -> DataFrame(class, probability, p_*)."""
+def load_predictor(model: str, runtime: str = "auto"):
+    """A callable DataFrame(image=base64) -> DataFrame(class, probability, p_*); the network
+    runs on `runtime` (auto, onnx or torch: equip.serve.runtimes)."""
+    from equip.serve.runtimes import make_runner
+
+    check_runtime(runtime)
     if model.endswith(".ckpt"):
         from equip.model.cnn import load_classifier
         from equip.serve.pyfunc import classify, read_image_value
 
         if not Path(model).is_file():
             raise EquipError(f"model={model}: no such checkpoint file.")
-        clf = load_classifier(model)
-        return lambda df: classify(clf, [read_image_value(v, i) for i, v in enumerate(df.image)])
+        run = make_runner(load_classifier(model), None, runtime)
+        return lambda df: classify(run, [read_image_value(v, i) for i, v in enumerate(df.image)])
+    import mlflow.artifacts
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.pyfunc.load_model(model_location(model)).predict
+        # Fetched once, then read: its MLmodel says which runtimes it has.
+        local = mlflow.artifacts.download_artifacts(model_location(model))
+        config = runtime_config(local, runtime)
+        return mlflow.pyfunc.load_model(local, model_config=config).predict
     except (MlflowException, OSError) as e:
         if store_refusal(e) is not None:
             raise  # the store said no: main() says which request, in one line
@@ -70,6 +82,23 @@ def load_predictor(model: str):
             f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
             f"{str(e).splitlines()[0]}"
         ) from None
+
+
+def runtime_config(model_dir: str, runtime: str) -> dict[str, str] | None:
+    """The model config that asks for `runtime`; None for the model's own default (auto) and
+    for models that declare no runtime (logged before equip exported ONNX, or the baseline:
+    MLflow would warn that the key is ignored), which have nothing but torch to offer."""
+    from mlflow.models import Model
+
+    from equip.serve.runtimes import pick_runtime
+
+    if runtime == "auto":
+        return None
+    declared = Model.load(model_dir).flavors.get("python_function", {}).get("config") or {}
+    if "runtime" not in declared:
+        pick_runtime(runtime, has_onnx=False)  # runtime=onnx: one line, the model has none
+        return None
+    return {"runtime": runtime}
 
 
 def model_location(model: str) -> str:
@@ -125,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in ("model", "images") if OmegaConf.is_missing(cfg, k)]
         if missing:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
+        check_runtime(cfg.runtime)
         import mlflow
 
         from equip.track.store import default_uri, open_store
@@ -134,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.set_tracking_uri(uri)
         root = Path(cfg.images)
         files = find_images(root)
-        predict = load_predictor(str(cfg.model))
+        predict = load_predictor(str(cfg.model), str(cfg.runtime))
         out = predict_files(predict, files)
     except EquipError as e:
         fail(str(e), 2)

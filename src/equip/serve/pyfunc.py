@@ -9,6 +9,9 @@ image root is set through MLflow's model config (`model_config={"image_root": "/
 load time, or MLFLOW_PYFUNC_INFERENCE_CONFIG='{"image_root": "/folder"}' for `mlflow models
 serve`), and then only paths under it are read.
 Requests are bounded (rows, bytes, pixels) and every refusal is one line with no server detail.
+
+The network runs on ONNX Runtime (the model's model.onnx) or torch: `runtime` in the same model
+config, auto (the default), onnx or torch; see equip.serve.runtimes.
 """
 
 from __future__ import annotations
@@ -90,28 +93,28 @@ def decode_images(raw_images: Sequence[bytes], image_size: int) -> np.ndarray:
 
 
 def as_frame(classes: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
-    """The output contract of every equip model: class, probability, p_<class>."""
-    out = pd.DataFrame(
-        {
-            "class": [classes[i] for i in probs.argmax(1).tolist()] if len(probs) else [],
-            "probability": probs.max(1).astype(np.float64) if len(probs) else [],
-        }
-    )
-    for j, name in enumerate(classes):
-        out[f"p_{name}"] = probs[:, j].astype(np.float64)
-    return out
+    """The output contract of every equip model: class, probability, p_<class>. Built in one
+    constructor call: adding the columns one by one cost more than the network for one photo."""
+    probs = probs.astype(np.float64).reshape(len(probs), len(classes))
+    columns: dict[str, Any] = {
+        "class": [classes[i] for i in probs.argmax(1).tolist()],
+        "probability": probs.max(1, initial=0.0),
+    }
+    columns.update({f"p_{name}": probs[:, j] for j, name in enumerate(classes)})
+    return pd.DataFrame(columns)
 
 
 def classify(model, raw_images: Sequence[bytes], batch_size: int = 64) -> pd.DataFrame:
-    """Decode and preprocess exactly as in training, then classify. `model` is a Classifier."""
-    import torch
+    """Decode and preprocess exactly as in training, then classify. `model` is a runner of
+    equip.serve.runtimes (ONNX Runtime or torch) or a Classifier (run on torch)."""
+    from equip.serve.runtimes import TorchRunner
 
-    x = torch.from_numpy(decode_images(raw_images, model.image_size))
-    with torch.inference_mode():
-        probs = [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+    runner = model if hasattr(model, "probabilities") else TorchRunner(model)
+    x = decode_images(raw_images, runner.image_size)
+    probs = [runner.probabilities(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return as_frame(
-        model.classes,
-        torch.cat(probs).numpy() if probs else np.zeros((0, len(model.classes)), np.float32),
+        runner.classes,
+        np.concatenate(probs) if probs else np.zeros((0, len(runner.classes)), np.float32),
     )
 
 
@@ -138,15 +141,17 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from equip.model.cnn import load_classifier
         from equip.serve.request_limit import serve_with_request_limit
+        from equip.serve.runtimes import make_runner
 
         serve_with_request_limit()  # mlflow models serve: an oversized body is never read
-        path = context.artifacts["checkpoint"]
-        self.model = load_classifier(path)
-        self.image_root = (context.model_config or {}).get("image_root") or None
+        config = context.model_config or {}
+        self.model = load_classifier(context.artifacts["checkpoint"])
+        self.runner = make_runner(self.model, context.artifacts.get("onnx"), config.get("runtime"))
+        self.image_root = config.get("image_root") or None
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
-            return classify(self.model, read_images(model_input, self.image_root))
+            return classify(self.runner, read_images(model_input, self.image_root))
         except BadImageInput as e:
             raise as_client_error(e) from None
 
@@ -163,6 +168,8 @@ def _requirements() -> list[str]:
         "numpy",
         "pandas",
         "omegaconf",
+        "onnx",
+        "onnxruntime",
     ]
     return [f"{n}=={metadata.version(n)}" for n in names]
 
@@ -179,11 +186,14 @@ def model_signature(classes: Sequence[str]) -> ModelSignature:
 
 
 MODEL_FOLDER = "model"  # the run's artifact folder that holds its MLflow model
+# MLflow's models-from-code files (a file that calls mlflow.models.set_model): a model object
+# would be saved with CloudPickle, which MLflow warns about (unpickling runs code) on every save.
+CNN_MODEL_CODE = Path(__file__).with_name("_cnn_model.py")
 
 
-def log_run_model(**save_kwargs: Any) -> str:
+def log_run_model(python_model: str | Path, **save_kwargs: Any) -> str:
     """Save a pyfunc (equip's code inside) as the active run's `model` artifacts; returns
-    runs:/RUN_ID/model.
+    runs:/RUN_ID/model. `python_model` is a models-from-code file.
 
     Not mlflow.pyfunc.log_model: in MLflow 3 that makes a logged model (create_logged_model,
     and registering or loading it searches logged models), APIs an Azure ML workspace does not
@@ -200,6 +210,7 @@ def log_run_model(**save_kwargs: Any) -> str:
         path = Path(tmp) / MODEL_FOLDER
         mlflow.pyfunc.save_model(
             path,
+            python_model=str(python_model),
             mlflow_model=Model(artifact_path=MODEL_FOLDER, run_id=run_id),
             code_paths=[str(Path(equip.__file__).parent)],  # loads without equip installed
             **save_kwargs,
@@ -209,12 +220,39 @@ def log_run_model(**save_kwargs: Any) -> str:
 
 
 def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
-    """Log the checkpoint as the run's `model` (a pyfunc); returns its model URI."""
-    return log_run_model(
-        python_model=ImageClassifierModel(),
-        artifacts={"checkpoint": checkpoint},
-        signature=model_signature(classes),
-        pip_requirements=_requirements(),
-        metadata={"classes": classes, "image_size": image_size},
-        model_config={"image_root": ""},  # declared, so a load or a server can set it
-    )
+    """Log the checkpoint as the run's `model` (a pyfunc), with the network exported to ONNX
+    beside it (artifacts/model.onnx; its spec in the metadata); returns its model URI."""
+    artifacts = {"checkpoint": checkpoint}
+    metadata: dict[str, Any] = {"classes": classes, "image_size": image_size}
+    with tempfile.TemporaryDirectory(prefix="equip-onnx-") as tmp:
+        spec = export_beside(checkpoint, Path(tmp) / "model.onnx")
+        if spec is not None:
+            artifacts["onnx"], metadata["onnx"] = str(Path(tmp) / "model.onnx"), spec
+        return log_run_model(
+            CNN_MODEL_CODE,
+            artifacts=artifacts,
+            signature=model_signature(classes),
+            pip_requirements=_requirements(),
+            metadata=metadata,
+            # declared, so a load or a server can set them
+            model_config={"image_root": "", "runtime": "auto"},
+        )
+
+
+def export_beside(checkpoint: str, path: Path) -> dict[str, Any] | None:
+    """The checkpoint's network as ONNX at `path`; its spec, or None (and one warning line)
+    when it cannot be exported: the model is then logged for torch alone."""
+    import logging
+
+    from equip.model.cnn import load_classifier
+    from equip.serve.onnx_export import export_onnx
+
+    try:
+        return export_onnx(load_classifier(checkpoint), path)
+    except Exception as e:  # an exporter gap must not fail a finished training
+        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        logging.getLogger(__name__).warning(
+            f"no model.onnx: the network could not be exported ({type(e).__name__}: {message}); "
+            "the model runs on torch"
+        )
+        return None

@@ -1,0 +1,7 @@
+"""The baseline's pyfunc as an MLflow models-from-code file: MLflow runs it to load the model."""
+
+from mlflow.models import set_model
+
+from equip.serve.baseline_pyfunc import BaselineImageModel
+
+set_model(BaselineImageModel())
