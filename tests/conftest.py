@@ -38,6 +38,7 @@ TINY = [
     "data.batch_size=16",
     "trainer.max_epochs=2",
     "trainer.progress_bar=false",
+    "tracking.log_onnx=false",  # seconds per training; tests of the ONNX runtime turn it on
 ]
 
 

@@ -268,6 +268,8 @@ def test_json_requests_and_their_mistakes(app: RunningApp, tmp_path: Path):
     assert ok.status_code == 200 and [a["name"] for a in answers] == ["image 0", "image 1"]
     assert answers[0] == {**answers[1], "name": "image 0"} and len(answers[0]["top"]) == 3
     assert ok.json()["model"]["version"] == "1"
+    # The CNN was logged with its ONNX graph: runtime=auto serves it on ONNX Runtime.
+    assert requests.get(f"{app.url}/model", timeout=60).json()["runtime"] == "onnx"
     for body, status, says in [
         ({"images": ["not base64!"]}, 400, "image 0: not base64-encoded image bytes"),
         ({"image": photo}, 400, '{"images": ["<base64>", ...]}'),

@@ -27,6 +27,7 @@ TINY_GEAR_CNN = [
     "model.batch_norm=true",
     "model.head=gap",
     "model.tta=hflip",
+    "tracking.log_onnx=true",
 ]
 # What only MLflow prints, and no user asked for.
 MLFLOW_NOISE = re.compile(r"Downloading artifacts|CloudPickle|INFO mlflow|onnxscript|onnx_ir")

@@ -45,7 +45,7 @@ WEAK_BASELINE = [
     "model.n_estimators=1",
     "model.features=[color_hist]",
 ]
-QUIET = ["trainer.progress_bar=false"]
+QUIET = ["trainer.progress_bar=false", "tracking.log_onnx=true"]  # the champion runs on ONNX
 
 
 @dataclass

@@ -136,6 +136,7 @@ class TrackingConfig:
     artifact_root: str | None = MISSING
     experiment: str = MISSING
     log_model: bool = MISSING
+    log_onnx: bool = MISSING
     outage_s: float = MISSING
     stale_after_s: float = MISSING
 

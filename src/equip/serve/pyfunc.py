@@ -219,13 +219,13 @@ def log_run_model(python_model: str | Path, **save_kwargs: Any) -> str:
     return f"runs:/{run_id}/{MODEL_FOLDER}"
 
 
-def log_pyfunc(checkpoint: str, classes: list[str], image_size: int) -> str:
+def log_pyfunc(checkpoint: str, classes: list[str], image_size: int, onnx: bool = True) -> str:
     """Log the checkpoint as the run's `model` (a pyfunc), with the network exported to ONNX
     beside it (artifacts/model.onnx; its spec in the metadata); returns its model URI."""
     artifacts = {"checkpoint": checkpoint}
     metadata: dict[str, Any] = {"classes": classes, "image_size": image_size}
     with tempfile.TemporaryDirectory(prefix="equip-onnx-") as tmp:
-        spec = export_beside(checkpoint, Path(tmp) / "model.onnx")
+        spec = export_beside(checkpoint, Path(tmp) / "model.onnx") if onnx else None
         if spec is not None:
             artifacts["onnx"], metadata["onnx"] = str(Path(tmp) / "model.onnx"), spec
         return log_run_model(

@@ -138,7 +138,9 @@ def fit_cnn(
     if cfg.tracking.log_model:
         from equip.serve.pyfunc import log_pyfunc
 
-        result["model_uri"] = log_pyfunc(best, images.classes, cfg.data.image_size)
+        result["model_uri"] = log_pyfunc(
+            best, images.classes, cfg.data.image_size, onnx=cfg.tracking.log_onnx
+        )
     return result
 
 

@@ -126,9 +126,10 @@ def load(uri: str) -> ServedModel:
 
 
 def _runtime_of(model: Any) -> str | None:
-    """What runs the network, when the model says (a `runtime` attribute of equip's pyfunc)."""
+    """What runs the network (onnx or torch), when the model says: the runner of equip's CNN
+    pyfunc (equip.serve.runtimes)."""
     try:
-        runtime = getattr(model.unwrap_python_model(), "runtime", None)
+        runtime = getattr(getattr(model.unwrap_python_model(), "runner", None), "name", None)
     except Exception:  # not a Python model: MLflow does not say what runs it
         return None
     return str(runtime) if runtime else None
