@@ -29,7 +29,7 @@ from equip.track import schema
 
 # Of the tracking.* overrides a job keeps only these: the rest locate the workspace from outside
 # (a job logs through the MLflow URI Azure ML injects), and data.root becomes the data input.
-REMOTE_TRACKING_KEEP = ("tracking.experiment", "tracking.log_model")
+REMOTE_TRACKING_KEEP = ("tracking.experiment", "tracking.log_model", "tracking.log_onnx")
 LAUNCHER_ONLY = {"azure-ai-ml"}  # in the `azure` extra for the launcher; jobs do not need it
 REMOTE_PATH = re.compile(r"^(azureml:|https://|wasbs://|abfss://|adl://)")
 JOB_TAG = "equip.azureml_job"  # tag of the child run: the Azure ML job that trained it
