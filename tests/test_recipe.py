@@ -287,12 +287,33 @@ def test_recipe_keys_are_checked():
         ("model.tta=vflip", "model.tta='vflip' is not one of: none, hflip"),
         ("data.augment.erasing=2", "data.augment.erasing=2.0 must be"),
         ("trainer.keep=first", "trainer.keep='first' is not one of: best, last"),
+        ("data.augment.policy=auto", "data.augment.policy='auto' is not one of: none, trivial"),
+        ("data.augment.mix=both", "data.augment.mix='both' is not one of: none, mixup, cutmix"),
+        ("data.augment.mix_alpha=0", "data.augment.mix_alpha=0.0 must be > 0"),
+        ("trainer.swa_lrs=0.01", "the averaged weights are the last epoch's model; set trainer"),
+        ("registry.model=ensemble", "registry.model=ensemble averages the fold models of a CV"),
+        ("registry.model=all", "registry.model='all' is not one of: single, ensemble"),
     ):  # choices fail while composing (the schema), ranges in check_config
         with pytest.raises(EquipError, match=message), config_errors():
             check_config(make_cfg(override))
     with pytest.raises(EquipError, match="final_fit=true with trainer.strategy=ddp needs trainer"):
         check_config(make_cfg("final_fit=true", "trainer.strategy=ddp"))
     check_config(make_cfg("final_fit=true", "trainer.strategy=ddp", "trainer.keep=last"))
+    swa = ("trainer.swa_lrs=0.01", "trainer.keep=last")
+    for override, message in (
+        ("trainer.swa_epoch_start=0", r"trainer.swa_epoch_start=0 must be .* in \[1, 2\]"),
+        ("trainer.swa_epoch_start=1.5", "trainer.swa_epoch_start=1.5 must be a fraction"),
+        ("model.ema_decay=0.9", "model.ema_decay and trainer.swa_lrs both average"),
+    ):
+        with pytest.raises(EquipError, match=message):
+            check_config(make_cfg(*swa, override))
+    check_config(make_cfg(*swa, "trainer.swa_epoch_start=2"))
+    ensemble = ("registry.model=ensemble", "data.folds=3")
+    with pytest.raises(EquipError, match="registry.model=ensemble is scored by its CV"):
+        check_config(make_cfg(*ensemble, "registry.enabled=true"))
+    with pytest.raises(EquipError, match="final_fit=true one model trained on every image"):
+        check_config(make_cfg("registry.model=ensemble", "final_fit=true"))
+    check_config(make_cfg(*ensemble, "registry.enabled=true", "registry.gate=cv"))
 
 
 # ---------------------------------------------------------------- final fit and the CV gate
