@@ -79,7 +79,11 @@ def test_ints_are_accepted_where_floats_are_typed():
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["model.tta=vflip"], "model.tta='vflip' is not one of: none, hflip. Did you mean "),
+        (
+            ["model.tta=vflip"],
+            "model.tta='vflip' is not one of: none, hflip, multiscale, multiscale_hflip. "
+            "Did you mean ",
+        ),
         (["model.lr=abc"], "model.lr='abc' must be a number."),
         (["seed=1.5"], "seed=1.5 must be a whole number."),
         (["model.residual=maybe"], "model.residual='maybe' must be true or false."),

@@ -355,7 +355,9 @@ def cv_sweeps(tmp_path_factory: pytest.TempPathFactory):
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
     baseline = train_in_process([*CV, *data, *WEAK_BASELINE, "tracking.log_model=false"], folder)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
-    cnn = train_in_process([*CV, *data, *GOOD_CNN, "tracking.log_model=false"], folder)
+    # registry.model=ensemble: the parent logs the folds' average (the fold runs log no model)
+    ensemble = ["registry.model=ensemble", "tracking.log_model=false"]
+    cnn = train_in_process([*CV, *data, *GOOD_CNN, *ensemble], folder)
     assert cnn.returncode == 0, cnn.stderr[-3000:]
     client = MlflowClient(uri)
     parent = newest_parent(client)
@@ -428,3 +430,61 @@ def test_registry_cv_gate_pairs_folds_with_the_baseline(cv_sweeps):
     assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
     with pytest.raises(EquipError, match="final_fit=true has no validation score"):
         check_config(make_cfg("final_fit=true", "registry.enabled=true"))
+
+
+def test_cv_ensemble_is_the_parents_model_averaging_the_folds_and_registers_by_cv(
+    cv_sweeps, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """registry.model=ensemble: the CV parent's `model` is the mean of its fold models'
+    probabilities, with the single model's contract, served by equip.predict from the run and
+    from the registry, which takes it through the CV gate."""
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model.cnn import load_classifier
+    from equip.serve.predict import load_predictor, main, predict_files
+    from equip.serve.pyfunc import decode_images
+    from equip.track.store import connect
+    from equip.train.ensemble import ship_cv_ensemble
+    from tests.conftest import write_pngs
+
+    proc, parent, folds, uri = cv_sweeps
+    pid = parent.info.run_id
+    cfg = make_cfg("registry.model=ensemble", "registry.enabled=true", "registry.gate=cv")
+    connect(cfg.tracking)
+    assert f"ensemble of 3 fold models logged: runs:/{pid}/model" in proc.stderr
+    assert parent.data.tags["equip.ensemble_folds"] == "3"
+    files = write_pngs(tmp_path / "photos", 4)
+    out = predict_files(load_predictor(pid), files)
+    members = []
+    for f in folds:  # each fold's own checkpoint, as trained
+        (name,) = [a.path for a in MlflowClient(uri).list_artifacts(f.info.run_id, "checkpoints")]
+        members.append(
+            load_classifier(download_artifacts(run_id=f.info.run_id, artifact_path=name))
+        )
+    x = torch.from_numpy(decode_images([f.read_bytes() for f in files], 40))
+    with torch.inference_mode():
+        expected = sum(m(x).softmax(1) for m in members) / len(members)
+    assert list(out.columns[:2]) == ["class", "probability"]
+    assert np.allclose(out.filter(like="p_").to_numpy(), expected.numpy(), atol=1e-5)
+    assert not np.allclose(expected.numpy(), members[0](x).softmax(1).detach().numpy(), atol=1e-3)
+    # registered through the CV gate, as the champion; served by name
+    cfg.registry.name = "gear-ensemble"
+    shipped = ship_cv_ensemble(pid, cfg)
+    assert shipped["registry"]["registered"], shipped["registry"]["reason"]
+    assert "mean paired difference +" in shipped["registry"]["reason"]
+    mv = champion.current(MlflowClient(uri), "gear-ensemble", "champion")
+    assert mv.run_id == pid and mv.tags["equip.cv_parent_run_id"] == pid
+    assert mv.source.endswith(f"{pid}/artifacts/model")
+    assert (
+        main(
+            [
+                "model=models:/gear-ensemble@champion",
+                f"images={tmp_path / 'photos'}",
+                f"output={tmp_path / 'p.csv'}",
+            ]
+        )
+        == 0
+    )
+    served = pd.read_csv(tmp_path / "p.csv")
+    assert (served["class"] == out["class"]).all()
