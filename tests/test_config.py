@@ -18,7 +18,11 @@ from tests.conftest import ROOT, make_cfg
 
 CONF = ROOT / "conf"
 # What each option needs besides itself to pass check_config.
-NEEDS = {"data=folder": ["data.root=photos"], "experiment=gear": ["data.root=photos"]}
+NEEDS = {
+    "data=folder": ["data.root=photos"],
+    "experiment=gear": ["data.root=photos"],
+    "experiment=small_images": ["data.root=photos"],
+}
 
 
 def options() -> list[str]:
