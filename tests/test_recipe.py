@@ -488,3 +488,9 @@ def test_cv_ensemble_is_the_parents_model_averaging_the_folds_and_registers_by_c
     )
     served = pd.read_csv(tmp_path / "p.csv")
     assert (served["class"] == out["class"]).all()
+    # only the folds of one config, all of them
+    client = MlflowClient(uri)
+    for swept, message in (("model.lr,data.fold", "sweep data.fold alone"), ("data.fold", "did")):
+        other = client.create_run("1", tags={"equip.swept_keys": swept}).info.run_id
+        with pytest.raises(EquipError, match=message):
+            ship_cv_ensemble(other, cfg)
