@@ -18,7 +18,11 @@ from tests.conftest import ROOT, make_cfg
 
 CONF = ROOT / "conf"
 # What each option needs besides itself to pass check_config.
-NEEDS = {"data=folder": ["data.root=photos"], "experiment=gear": ["data.root=photos"]}
+NEEDS = {
+    "data=folder": ["data.root=photos"],
+    "experiment=gear": ["data.root=photos"],
+    "experiment=small_images": ["data.root=photos"],
+}
 
 
 def options() -> list[str]:
@@ -79,7 +83,11 @@ def test_ints_are_accepted_where_floats_are_typed():
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["model.tta=vflip"], "model.tta='vflip' is not one of: none, hflip. Did you mean "),
+        (
+            ["model.tta=vflip"],
+            "model.tta='vflip' is not one of: none, hflip, multiscale, multiscale_hflip. "
+            "Did you mean ",
+        ),
         (["model.lr=abc"], "model.lr='abc' must be a number."),
         (["seed=1.5"], "seed=1.5 must be a whole number."),
         (["model.residual=maybe"], "model.residual='maybe' must be true or false."),

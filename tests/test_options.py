@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from equip.config.choices import Activation, Optimizer, Pool, Scheduler
+from equip.config.choices import TTA, Activation, AugmentPolicy, Mix, Optimizer, Pool, Scheduler
 from tests.conftest import make_cfg, ready_store
 
 FEW_BATCHES = [
@@ -46,7 +46,9 @@ def cnn_options() -> list[list[str]]:
         ["model.head=gap", "model.head=flatten"],
         ["model.batch_norm=true", "model.batch_norm=false"],
         ["model.residual=true", "model.residual=false"],
-        ["model.tta=hflip", "model.tta=none"],
+        [f"model.tta={t}" for t in TTA],
+        [f"data.augment.policy={p}" for p in AugmentPolicy],
+        [f"data.augment.mix={m}" for m in Mix],
         ["model.ema_decay=0.9", "model.ema_decay=null"],
         ["model.hidden=[8]", "model.hidden=[]"],
         ["trainer.monitor=val_macro_f1", "trainer.monitor=val_loss", "trainer.monitor=val_acc"],
@@ -60,6 +62,16 @@ RUNS = [
     *(["model.filters=[4,8]", "model.convs_per_block=2", *o] for o in cnn_options()),
     ["model.filters=[4]", *ALL_AUGMENTATIONS, "model.label_smoothing=0.1"],
     ["model=cnn_gear", "model.filters=[4,8]", "data.image_size=32"],
+    # Stochastic weight averaging from the second epoch (no batch norm: no extra epoch for its
+    # statistics), with soft mixup targets as the loss's.
+    [
+        "model.filters=[4]",
+        "trainer.swa_lrs=0.01",
+        "trainer.swa_epoch_start=2",
+        "trainer.keep=last",
+        "data.augment.mix=mixup",
+        "data.augment.mix_alpha=0.4",
+    ],
     ["trainer=debug"],
     # No validation images in a final fit: plateau watches the training loss instead.
     ["final_fit=true", "model.scheduler=plateau", "model.filters=[4]"],
@@ -94,11 +106,14 @@ def test_every_option_trains_a_few_batches(client: MlflowClient, overrides: list
     assert run.info.status == "FINISHED", run.data.tags.get("equip.error")
     for override in overrides:
         key, value = override.split("=", 1)
-        if key.startswith(("model.", "data.augment.", "trainer.monitor")):
+        if key.startswith(("model.", "data.augment.", "trainer.monitor", "trainer.swa")):
             assert yaml.safe_load(run.data.params[key]) == yaml.safe_load(value), key
     metric = "train_loss" if "final_fit=true" in overrides else "val_acc"
     if "model=baseline" not in overrides:
         assert len(client.get_metric_history(run.info.run_id, metric)) == 2
+        # mixed batches carry soft targets: the train accuracy is of their dominant class
+        train_acc = client.get_metric_history(run.info.run_id, "train_acc")
+        assert len(train_acc) == 2 and all(0 <= m.value <= 1 for m in train_acc)
 
 
 def test_the_experiment_preset_trains_on_a_folder(client: MlflowClient, tmp_path):
@@ -122,4 +137,46 @@ def test_the_option_columns_cover_every_choice():
     seen = {o for run in cnn_options() for o in run}
     for enum, key in ((Optimizer, "optimizer"), (Scheduler, "scheduler"), (Pool, "pool")):
         assert {f"model.{key}={v}" for v in enum} <= seen
+    assert {f"model.tta={v}" for v in TTA} <= seen
+    assert {
+        f"data.augment.{k}={v}" for k, e in (("policy", AugmentPolicy), ("mix", Mix)) for v in e
+    } <= seen
     assert len(list(itertools.chain(*RUNS))) > 40
+
+
+def test_multiscale_tta_is_the_mean_over_scales_in_the_logged_model_too(
+    client: MlflowClient, tmp_path
+):
+    """model.tta=multiscale averages the probabilities of the image zoomed out (white border),
+    as it is and zoomed in (centre crop); the logged pyfunc, loaded from the run, does the same
+    with no serving code of its own."""
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model.cnn import TTA_SCALES, load_classifier, tta_views
+    from equip.serve.pyfunc import decode_images
+    from equip.train.run import train
+    from tests.conftest import write_pngs
+
+    few = [o for o in FEW_BATCHES if o != "tracking.log_model=false"]
+    result = train(make_cfg(*few, "model.filters=[4]", "model.tta=multiscale"), [])
+    files = write_pngs(tmp_path / "photos", 3)
+    images = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
+    served = mlflow.pyfunc.load_model(result["model_uri"]).predict(images)
+    ckpt = download_artifacts(run_id=result["run_id"], artifact_path="checkpoints/best.ckpt")
+    model = load_classifier(ckpt)
+    x = torch.from_numpy(decode_images([f.read_bytes() for f in files], 16))
+    views = tta_views(x, "multiscale")
+    assert len(views) == 1 + len(TTA_SCALES) and all(v.shape == x.shape for v in views)
+    out, zoom_in = views[1], views[2]  # 0.9: a 1 px white frame around 14 px; 1.1: cropped
+    assert (out[..., 0, :] == 255).all() and (out[..., :, -1] == 255).all()
+    assert not torch.equal(zoom_in, x)
+    with torch.inference_mode():
+        expected = sum(model.net(v).softmax(1) for v in views) / len(views)
+    p = served.filter(like="p_").to_numpy()
+    assert np.allclose(p, expected.numpy(), atol=1e-5)
+    assert (served["probability"] == p.max(1)).all()

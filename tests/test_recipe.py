@@ -287,12 +287,33 @@ def test_recipe_keys_are_checked():
         ("model.tta=vflip", "model.tta='vflip' is not one of: none, hflip"),
         ("data.augment.erasing=2", "data.augment.erasing=2.0 must be"),
         ("trainer.keep=first", "trainer.keep='first' is not one of: best, last"),
+        ("data.augment.policy=auto", "data.augment.policy='auto' is not one of: none, trivial"),
+        ("data.augment.mix=both", "data.augment.mix='both' is not one of: none, mixup, cutmix"),
+        ("data.augment.mix_alpha=0", "data.augment.mix_alpha=0.0 must be > 0"),
+        ("trainer.swa_lrs=0.01", "the averaged weights are the last epoch's model; set trainer"),
+        ("registry.model=ensemble", "registry.model=ensemble averages the fold models of a CV"),
+        ("registry.model=all", "registry.model='all' is not one of: single, ensemble"),
     ):  # choices fail while composing (the schema), ranges in check_config
         with pytest.raises(EquipError, match=message), config_errors():
             check_config(make_cfg(override))
     with pytest.raises(EquipError, match="final_fit=true with trainer.strategy=ddp needs trainer"):
         check_config(make_cfg("final_fit=true", "trainer.strategy=ddp"))
     check_config(make_cfg("final_fit=true", "trainer.strategy=ddp", "trainer.keep=last"))
+    swa = ("trainer.swa_lrs=0.01", "trainer.keep=last")
+    for override, message in (
+        ("trainer.swa_epoch_start=0", r"trainer.swa_epoch_start=0 must be .* in \[1, 2\]"),
+        ("trainer.swa_epoch_start=1.5", "trainer.swa_epoch_start=1.5 must be a fraction"),
+        ("model.ema_decay=0.9", "model.ema_decay and trainer.swa_lrs both average"),
+    ):
+        with pytest.raises(EquipError, match=message):
+            check_config(make_cfg(*swa, override))
+    check_config(make_cfg(*swa, "trainer.swa_epoch_start=2"))
+    ensemble = ("registry.model=ensemble", "data.folds=3")
+    with pytest.raises(EquipError, match="registry.model=ensemble is scored by its CV"):
+        check_config(make_cfg(*ensemble, "registry.enabled=true"))
+    with pytest.raises(EquipError, match="final_fit=true one model trained on every image"):
+        check_config(make_cfg("registry.model=ensemble", "final_fit=true"))
+    check_config(make_cfg(*ensemble, "registry.enabled=true", "registry.gate=cv"))
 
 
 # ---------------------------------------------------------------- final fit and the CV gate
@@ -334,7 +355,9 @@ def cv_sweeps(tmp_path_factory: pytest.TempPathFactory):
     data = [o for o in CV_DATA if not o.startswith("data.folds")]
     baseline = train_in_process([*CV, *data, *WEAK_BASELINE, "tracking.log_model=false"], folder)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
-    cnn = train_in_process([*CV, *data, *GOOD_CNN, "tracking.log_model=false"], folder)
+    # registry.model=ensemble: the parent logs the folds' average (the fold runs log no model)
+    ensemble = ["registry.model=ensemble", "tracking.log_model=false"]
+    cnn = train_in_process([*CV, *data, *GOOD_CNN, *ensemble], folder)
     assert cnn.returncode == 0, cnn.stderr[-3000:]
     client = MlflowClient(uri)
     parent = newest_parent(client)
@@ -407,3 +430,67 @@ def test_registry_cv_gate_pairs_folds_with_the_baseline(cv_sweeps):
     assert float(mv.tags["equip.margin"]) >= 2 * float(mv.tags["equip.margin_se"])
     with pytest.raises(EquipError, match="final_fit=true has no validation score"):
         check_config(make_cfg("final_fit=true", "registry.enabled=true"))
+
+
+def test_cv_ensemble_is_the_parents_model_averaging_the_folds_and_registers_by_cv(
+    cv_sweeps, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """registry.model=ensemble: the CV parent's `model` is the mean of its fold models'
+    probabilities, with the single model's contract, served by equip.predict from the run and
+    from the registry, which takes it through the CV gate."""
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    from equip.model.cnn import load_classifier
+    from equip.serve.predict import load_predictor, main, predict_files
+    from equip.serve.pyfunc import decode_images
+    from equip.track.store import connect
+    from equip.train.ensemble import ship_cv_ensemble
+    from tests.conftest import write_pngs
+
+    proc, parent, folds, uri = cv_sweeps
+    pid = parent.info.run_id
+    cfg = make_cfg("registry.model=ensemble", "registry.enabled=true", "registry.gate=cv")
+    connect(cfg.tracking)
+    assert f"ensemble of 3 fold models logged: runs:/{pid}/model" in proc.stderr
+    assert parent.data.tags["equip.ensemble_folds"] == "3"
+    files = write_pngs(tmp_path / "photos", 4)
+    out = predict_files(load_predictor(pid), files)
+    members = []
+    for f in folds:  # each fold's own checkpoint, as trained
+        (name,) = [a.path for a in MlflowClient(uri).list_artifacts(f.info.run_id, "checkpoints")]
+        members.append(
+            load_classifier(download_artifacts(run_id=f.info.run_id, artifact_path=name))
+        )
+    x = torch.from_numpy(decode_images([f.read_bytes() for f in files], 40))
+    with torch.inference_mode():
+        expected = sum(m(x).softmax(1) for m in members) / len(members)
+    assert list(out.columns[:2]) == ["class", "probability"]
+    assert np.allclose(out.filter(like="p_").to_numpy(), expected.numpy(), atol=1e-5)
+    assert not np.allclose(expected.numpy(), members[0](x).softmax(1).detach().numpy(), atol=1e-3)
+    # registered through the CV gate, as the champion; served by name
+    cfg.registry.name = "gear-ensemble"
+    shipped = ship_cv_ensemble(pid, cfg)
+    assert shipped["registry"]["registered"], shipped["registry"]["reason"]
+    assert "mean paired difference +" in shipped["registry"]["reason"]
+    mv = champion.current(MlflowClient(uri), "gear-ensemble", "champion")
+    assert mv.run_id == pid and mv.tags["equip.cv_parent_run_id"] == pid
+    assert mv.source.endswith(f"{pid}/artifacts/model")
+    assert (
+        main(
+            [
+                "model=models:/gear-ensemble@champion",
+                f"images={tmp_path / 'photos'}",
+                f"output={tmp_path / 'p.csv'}",
+            ]
+        )
+        == 0
+    )
+    served = pd.read_csv(tmp_path / "p.csv")
+    assert (served["class"] == out["class"]).all()
+    # only the folds of one config, all of them
+    client = MlflowClient(uri)
+    for swept, message in (("model.lr,data.fold", "sweep data.fold alone"), ("data.fold", "did")):
+        other = client.create_run("1", tags={"equip.swept_keys": swept}).info.run_id
+        with pytest.raises(EquipError, match=message):
+            ship_cv_ensemble(other, cfg)

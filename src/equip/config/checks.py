@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from equip.config.explain import check_known_keys, check_required, choice_error
+from equip.config.modes import check_registry, check_run_mode, check_weight_averaging
 
 # The machine's checks (config.resources), re-exported: importable from here as before.
 from equip.config.resources import check_decoded_size as check_decoded_size
@@ -40,65 +41,9 @@ def check_config(cfg: DictConfig) -> None:
     else:
         check_model(cfg.model, cfg.data.image_size)
         check_trainer(cfg.trainer)
+        check_weight_averaging(cfg)
     check_run_mode(cfg)
     check_registry(cfg)
-
-
-def check_run_mode(cfg: DictConfig) -> None:
-    """final_fit= and resume= against the rest of the config."""
-    baseline = cfg.model.name == "baseline"
-    if cfg.final_fit:
-        if baseline:
-            raise EquipError(
-                "final_fit=true retrains a CNN on every image; the baseline is "
-                "fitted in seconds on any split: drop final_fit=true."
-            )
-        if cfg.data.folds is not None:
-            raise EquipError(
-                f"final_fit=true trains on every image: drop data.folds="
-                f"{cfg.data.folds} (its CV sweep gives the score)."
-            )
-        if cfg.trainer.strategy != "auto" and cfg.trainer.keep != "last":
-            # only rank 0 reads the folds' epochs from MLflow; the other ranks must agree
-            raise EquipError(
-                "final_fit=true with trainer.strategy=ddp needs trainer.keep=last "
-                "(every rank trains trainer.max_epochs)."
-            )
-    if cfg.resume is not None and baseline:
-        raise EquipError(
-            "resume= continues a CNN run from its checkpoint; the baseline "
-            "trains in one go. Drop resume=."
-        )
-    if cfg.resume is not None and not cfg.data.cache_dir:
-        raise EquipError(
-            "resume= needs data.cache_dir, where runs keep their last "
-            "checkpoint. Set it back (default .cache/equip)."
-        )
-
-
-def check_registry(cfg: DictConfig) -> None:
-    r = cfg.registry
-    if not r.enabled:
-        return
-    if cfg.model.name == "baseline":
-        raise EquipError(
-            "registry.enabled=true registers a CNN that beats the baseline, "
-            "the reference itself. Drop registry.enabled=true."
-        )
-    if r.gate == "cv" and cfg.data.folds is not None:
-        raise EquipError(
-            "registry.gate=cv registers a model trained outside the CV sweep: "
-            "drop data.folds and use final_fit=true."
-        )
-    if cfg.final_fit and r.gate != "cv":
-        raise EquipError(
-            "final_fit=true has no validation score to compare: use "
-            "registry.gate=cv with registry.enabled=true."
-        )
-    if not cfg.tracking.log_model:
-        raise EquipError(
-            "registry.enabled=true needs the model logged: drop tracking.log_model=false."
-        )
 
 
 # ---------------------------------------------------------------- ranges
@@ -151,6 +96,8 @@ def check_data(d: DictConfig) -> None:
     _in_range(a, "rotation", 0, 180)
     _in_range(a, "translate", 0, 0.5)
     _in_range(a, "erasing", 0, 1)
+    if not a.mix_alpha > 0:
+        raise EquipError(f"data.augment.mix_alpha={a.mix_alpha} must be > 0, e.g. 1.0.")
     _in_range(d, "num_workers", 0)
     _in_range(d, "ram_budget_mb", 0)
     if d.get("cache_dir"):

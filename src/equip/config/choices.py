@@ -45,9 +45,23 @@ class Scheduler(StrEnum):
     plateau = "plateau"
 
 
-class TTA(StrEnum):
+class TTA(StrEnum):  # test-time augmentation (equip.model.cnn.tta_views)
     none = "none"
     hflip = "hflip"
+    multiscale = "multiscale"  # zoomed out, as is, zoomed in
+    multiscale_hflip = "multiscale_hflip"  # each scale and its mirror
+
+
+class AugmentPolicy(StrEnum):  # torchvision's automatic augmentation policies
+    none = "none"
+    trivialaugment = "trivialaugment"
+    randaugment = "randaugment"
+
+
+class Mix(StrEnum):  # mixing two training images and their labels (transforms.v2)
+    none = "none"
+    mixup = "mixup"
+    cutmix = "cutmix"
 
 
 class Estimator(StrEnum):
@@ -95,6 +109,11 @@ class Strategy(StrEnum):
     ddp_find_unused_parameters_true = "ddp_find_unused_parameters_true"
 
 
+class RegistryModel(StrEnum):  # what a CV sweep ships (equip.train.ensemble)
+    single = "single"  # each run its own model; a final fit is the one to register
+    ensemble = "ensemble"  # the sweep's parent logs the fold models' average
+
+
 class Gate(StrEnum):
     holdout = "holdout"
     cv = "cv"
@@ -115,4 +134,5 @@ class TrackingKind(StrEnum):
 CHOICES: tuple[type[StrEnum], ...] = (
     *(DataKind, GroupBy, Pool, Activation, Head, Optimizer, Scheduler, TTA, Estimator, Feature),
     *(Monitor, Keep, Accelerator, Strategy, Gate, RegistryMetric, TrackingKind),
+    *(AugmentPolicy, Mix, RegistryModel),
 )

@@ -19,6 +19,7 @@ from equip.config.choices import (
     TTA,
     Accelerator,
     Activation,
+    AugmentPolicy,
     DataKind,
     Estimator,
     Feature,
@@ -26,10 +27,12 @@ from equip.config.choices import (
     GroupBy,
     Head,
     Keep,
+    Mix,
     Monitor,
     Optimizer,
     Pool,
     RegistryMetric,
+    RegistryModel,
     Scheduler,
     Strategy,
     TrackingKind,
@@ -47,6 +50,9 @@ class AugmentConfig:
     rotation: float = MISSING
     translate: float = MISSING
     erasing: float = MISSING
+    policy: AugmentPolicy = MISSING
+    mix: Mix = MISSING
+    mix_alpha: float = MISSING
 
 
 @dataclass
@@ -127,6 +133,8 @@ class TrainerConfig:
     precision: str = MISSING  # not an Enum: '32-true' is no identifier; checks.PRECISIONS
     accumulate_grad_batches: int = MISSING
     gradient_clip_val: float | None = MISSING
+    swa_lrs: float | None = MISSING
+    swa_epoch_start: Any = MISSING  # a fraction of max_epochs (float) or an epoch (int)
 
 
 @dataclass
@@ -155,6 +163,7 @@ class RegistryConfig:
     name: str = MISSING
     metric: RegistryMetric = MISSING
     gate: Gate = MISSING
+    model: RegistryModel = MISSING
     require_baseline: bool = MISSING
     alias: str | None = MISSING
 

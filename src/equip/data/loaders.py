@@ -32,6 +32,9 @@ def build_augment(augment: DictConfig, image_size: int) -> v2.Transform | None:
         t = augment.translate
         # Photos are padded onto white: fill the uncovered corners white too, not black.
         steps.append(v2.RandomAffine(augment.rotation, translate=(t, t) if t else None, fill=255))
+    if augment.policy != "none":  # on uint8 tensors, what a shear or shift uncovers left white
+        policy = v2.TrivialAugmentWide if augment.policy == "trivialaugment" else v2.RandAugment
+        steps.append(policy(fill=255))
     if augment.color_jitter:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
@@ -68,12 +71,29 @@ def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     return batch
 
 
+def build_mix(augment: DictConfig, num_classes: int) -> v2.Transform | None:
+    """data.augment.mix: MixUp or CutMix over a training batch; labels become probabilities."""
+    if augment.mix == "none":
+        return None
+    mix = v2.MixUp if augment.mix == "mixup" else v2.CutMix
+    return mix(alpha=float(augment.mix_alpha), num_classes=num_classes)
+
+
 class ImageDataModule(pl.LightningDataModule):
     def __init__(self, images: ImageSet, split: np.ndarray, data: DictConfig, seed: int):
         super().__init__()
         self.images, self.split, self.batch_size, self.seed = images, split, data.batch_size, seed
         self.num_workers = data.get("num_workers", 0)
         self.augment = build_augment(data.augment, data.image_size)
+        self.mix = build_mix(data.augment, len(images.classes))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Mix training batches on their device; validation sees the images as they are."""
+        if self.mix is None or self.trainer is None or not self.trainer.training:
+            return batch
+        x, y = batch
+        # MixUp blends pixels: as float (the network's first layer takes 0-255 floats too)
+        return self.mix(x.float() if isinstance(self.mix, v2.MixUp) else x, y)
 
     def subset(self, name: str, augment: v2.Transform | None = None) -> TensorImages:
         idx = torch.from_numpy(np.flatnonzero(self.split == name))

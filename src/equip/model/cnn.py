@@ -2,8 +2,9 @@
 
 Default = the Lab05 architecture: 3-channel input -> [Conv2d -> MaxPool] x len(filters) -> Dense.
 Recipe options: several convs per block, residual blocks, label smoothing, test-time
-augmentation (model.tta, applied by forward() in eval mode, so evaluation, the pyfunc and
-equip.serve.predict all use it); weight averaging (model.ema_decay) is a Lightning callback.
+augmentation (model.tta: mirror and scales, applied by forward() in eval mode, so evaluation,
+the pyfunc and equip.serve.predict all use it); soft targets from mixed batches
+(data.augment.mix); weight averaging (model.ema_decay, trainer.swa_lrs) is Lightning callbacks.
 """
 
 from __future__ import annotations
@@ -110,6 +111,31 @@ def mflops_per_image(net: nn.Module, image_size: int) -> float:
     return counter.get_total_flops() / 1e6
 
 
+TTA_SCALES = (0.9, 1.1)  # zoomed out and in around the image as it is; crop_scale=0.8 covers it
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The images a prediction averages over (model.tta), each the size of `x`: zooming out
+    pads with white (the preprocessing's background), zooming in crops the centre."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    views = [x]
+    if tta in ("multiscale", "multiscale_hflip"):
+        size = x.shape[-1]
+        for scale in TTA_SCALES:
+            side = round(size * scale)
+            resized = tvf.resize(x, [side, side], antialias=True)
+            if side < size:
+                before = (size - side) // 2
+                pad = [before, before, size - side - before, size - side - before]
+                views.append(tvf.pad(resized, pad, fill=255))
+            else:
+                views.append(tvf.center_crop(resized, [size, size]))
+    if tta in ("hflip", "multiscale_hflip"):
+        views += [v.flip(-1) for v in views]
+    return views
+
+
 class Normalize(nn.Module):
     """uint8 images -> float in [-1, 1], channels_last (about 10% faster convolutions on CPU).
     Part of the network, so a logged model takes the same uint8 images the data module yields."""
@@ -144,16 +170,18 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or self.tta == "none":
             return self.net(x)
-        # hflip TTA: mean of the probabilities of the image and its mirror, returned as log
-        # probabilities so that softmax (serving) and cross-entropy (val_loss) still apply.
-        probs = self.net(x).softmax(1) + self.net(x.flip(-1)).softmax(1)
-        return (probs / 2).log()
+        # TTA: mean of the probabilities of the views, returned as log probabilities so that
+        # softmax (serving) and cross-entropy (val_loss) still apply.
+        # The views go through the network as one batch: one call, not one per view.
+        views = tta_views(x, self.tta)
+        probs = self.net(torch.cat(views)).softmax(1)
+        return probs.unflatten(0, (len(views), x.shape[0])).mean(0).log()
 
     def _step(self, batch, stage: str, metrics: torchmetrics.MetricCollection) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.loss(logits, y)
-        metrics.update(logits, y)
+        loss = self.loss(logits, y)  # y: class ids, or class probabilities (a mixed batch)
+        metrics.update(logits, y.argmax(1) if y.ndim == 2 else y)
         # sync_dist: with several processes the epoch loss is the mean over every rank's images
         # (the torchmetrics objects sync their own states).
         self.log(

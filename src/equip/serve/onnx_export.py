@@ -1,9 +1,10 @@
 """The CNN as one ONNX graph, from uint8 pixels to class probabilities.
 
 The graph covers everything between the decoded image and the answer: the network's own
-normalisation (uint8 -> [-1, 1], its first layer), the convolutions, softmax, and the mirror
-TTA (model.tta=hflip: the image and its mirror go through the network as one batch of 2N and
-their probabilities are averaged). A runtime makes one call per batch of preprocessed images.
+normalisation (uint8 -> [-1, 1], its first layer), the convolutions, softmax, and the
+test-time augmentation (model.tta: the mirror and the scales go through the network as one
+batch and their probabilities are averaged, as Classifier.forward does). A runtime makes one
+call per batch of preprocessed images.
 
 Exported with torch's dynamo exporter (torch.export + onnxscript): the TorchScript exporter
 (dynamo=False) is deprecated since torch 2.9 and warns on every export. Its cost is the first
@@ -37,20 +38,15 @@ MAX_PARITY_ERROR = 1e-4  # max |Δprob| between the ONNX graph and torch
 
 
 class ProbabilityNet(nn.Module):
-    """(N, 3, S, S) uint8 images -> (N, classes) probabilities: Classifier's eval forward and
-    softmax, with the mirror pair in one batch (one call of the network, not two)."""
+    """(N, 3, S, S) uint8 images -> (N, classes) probabilities: the model's own eval forward
+    (a Classifier with its test-time augmentation, or a FoldEnsemble of them) and softmax."""
 
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
-        self.net = classifier.net
-        self.mirror = classifier.tta == "hflip"
+        self.model = classifier.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.mirror:
-            return self.net(images).softmax(1)
-        n = images.shape[0]
-        probs = self.net(torch.cat([images, images.flip(-1)])).softmax(1)
-        return (probs[:n] + probs[n:]) / 2
+        return self.model(images).softmax(1)
 
 
 def input_spec(image_size: int) -> dict[str, Any]:

@@ -191,9 +191,9 @@ MODEL_FOLDER = "model"  # the run's artifact folder that holds its MLflow model
 CNN_MODEL_CODE = Path(__file__).with_name("_cnn_model.py")
 
 
-def log_run_model(python_model: str | Path, **save_kwargs: Any) -> str:
-    """Save a pyfunc (equip's code inside) as the active run's `model` artifacts; returns
-    runs:/RUN_ID/model. `python_model` is a models-from-code file.
+def log_run_model(python_model: str | Path, run_id: str | None = None, **save_kwargs: Any) -> str:
+    """Save a pyfunc (equip's code inside) as the `model` artifacts of run `run_id` (default:
+    the active run); returns runs:/RUN_ID/model. `python_model` is a models-from-code file.
 
     Not mlflow.pyfunc.log_model: in MLflow 3 that makes a logged model (create_logged_model,
     and registering or loading it searches logged models), APIs an Azure ML workspace does not
@@ -205,7 +205,7 @@ def log_run_model(python_model: str | Path, **save_kwargs: Any) -> str:
 
     # No input_example: it would need a real photo, and MLflow warns about its absence.
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-    run_id = mlflow.active_run().info.run_id
+    run_id = run_id or mlflow.active_run().info.run_id
     with tempfile.TemporaryDirectory(prefix="equip-model-") as tmp:
         path = Path(tmp) / MODEL_FOLDER
         mlflow.pyfunc.save_model(
@@ -215,7 +215,7 @@ def log_run_model(python_model: str | Path, **save_kwargs: Any) -> str:
             code_paths=[str(Path(equip.__file__).parent)],  # loads without equip installed
             **save_kwargs,
         )
-        mlflow.log_artifacts(str(path), MODEL_FOLDER)
+        mlflow.MlflowClient().log_artifacts(run_id, str(path), MODEL_FOLDER)
     return f"runs:/{run_id}/{MODEL_FOLDER}"
 
 

@@ -103,6 +103,11 @@ def export_sweep(parent_run_id: str, swept_keys: Iterable[str]) -> None:
     os.environ[SWEEP_PID_ENV] = str(os.getpid())
 
 
+def sweep_parent() -> str | None:
+    """The parent run of the sweep this process runs now, if any."""
+    return os.environ.get(PARENT_ENV) or None
+
+
 def clear_sweep() -> None:
     for name in (PARENT_ENV, SWEPT_ENV, SWEEP_PID_ENV):
         os.environ.pop(name, None)

@@ -10,7 +10,7 @@ a config (final_fit=true) finds the estimate made for it, and the epochs to trai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +29,7 @@ class CvResult:
     best_epochs: dict[int, float]  # fold -> its selected epoch (0-based), CNN runs only
     folds: int
     folds_key: str  # the folds it is over (equip.sweep.context.folds_key)
+    run_ids: dict[int, str] = field(default_factory=dict)  # fold -> its run
 
     @property
     def mean(self) -> float:
@@ -62,7 +63,15 @@ def _result(parent_id: str, runs: list, metric: str) -> CvResult | None:
         for r in runs
         if "best_epoch" in r.data.metrics
     }
-    return CvResult(parent_id, scores, epochs, folds, runs[0].data.tags.get(schema.FOLDS_KEY, ""))
+    run_ids = {int(r.data.params["data.fold"]): r.info.run_id for r in runs}
+    folds_key = runs[0].data.tags.get(schema.FOLDS_KEY, "")
+    return CvResult(parent_id, scores, epochs, folds, folds_key, run_ids)
+
+
+def sweep_cv(client, experiment_id: str, parent_id: str, metric: str) -> CvResult | None:
+    """The CV that the sweep with this parent run made up, if every fold finished."""
+    runs = _fold_runs(client, experiment_id, queries.children_of(parent_id)).get(parent_id)
+    return _result(parent_id, runs, metric) if runs else None
 
 
 def config_cv(client, experiment_id: str, cv_key: str, metric: str) -> CvResult | None:

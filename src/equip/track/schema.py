@@ -22,6 +22,7 @@ SPLIT_KEY = "equip.split_key"  # the exact split (seed, fractions, groups, folds
 FOLDS_KEY = "equip.folds_key"  # the folds a CV is over (seed, groups, count): the CV gate
 FINAL_FIT = "equip.final_fit"  # 'true' on a model retrained on every image (final_fit=true)
 CV_PARENT = "equip.cv_parent_run_id"  # the CV sweep whose estimate a final fit carries
+ENSEMBLE_FOLDS = "equip.ensemble_folds"  # on a CV parent whose model averages its fold models
 ERROR = "equip.error"  # why a run ended FAILED or KILLED
 PRUNED = "equip.pruned"
 RESUMED = "equip.resumed"  # true: continued from its last checkpoint (resume=, resumed sweep)

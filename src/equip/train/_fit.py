@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import (
     EMAWeightAveraging,
     ModelCheckpoint,
     RichProgressBar,
+    StochasticWeightAveraging,
 )
 
 from equip.data.images import ImageSet
@@ -91,6 +92,8 @@ def _trainer_callbacks(cfg: DictConfig, final_fit: bool) -> list[pl.Callback]:
         )
     if cfg.model.ema_decay:  # validated and checkpointed with the averaged weights
         callbacks.append(EMAWeightAveraging(decay=cfg.model.ema_decay))
+    if t.swa_lrs is not None:  # the average becomes the last weights (checks: keep=last)
+        callbacks.append(StochasticWeightAveraging(t.swa_lrs, swa_epoch_start=t.swa_epoch_start))
     return callbacks
 
 

@@ -93,7 +93,8 @@ def train(
             _log_inputs(cfg, job.overrides, images, plan.split)
         result = _fit(cfg, job, images, plan, run, folder, callbacks)
         result["metrics"].update(_log_cv_estimate(run.id, plan.final_fit))
-        if cfg.registry.enabled and result.get("model_uri"):
+        # registry.model=ensemble: the sweep's parent registers the folds' average instead
+        if cfg.registry.enabled and cfg.registry.model == "single" and result.get("model_uri"):
             result["registry"] = _register(cfg, run.id, images, plan, result)
     result.update(run_id=run.id, run_name=run.name, experiment_id=plan.experiment_id)
     result["location"] = tracking.run_location(uri, plan.experiment_id, run.id)
