@@ -42,7 +42,7 @@ TINY = [
 ]
 
 
-# The slowest files first: two workers take a file each (--dist loadfile), and a long file that
+# The slowest files first: the workers take a file each (--dist loadfile), and a long file that
 # starts last is the suite's tail. Measured with --durations on 2 cores; the rest keep their order.
 SLOWEST_FIRST = [
     "test_workspace_flow.py",
@@ -56,6 +56,8 @@ SLOWEST_FIRST = [
     "test_registry.py",
     "test_concurrency.py",
     "test_secrets.py",
+    "test_app.py",
+    "test_inference.py",
 ]
 
 
