@@ -412,12 +412,13 @@ def test_what_the_command_refuses_is_one_line(
 
 
 def test_the_run_link_goes_to_the_mlflow_ui_of_the_store():
+    view = "?workflowType=machine_learning"  # MLflow 3.15 opens the model-training view
     assert run_link("http://user:secret@host:5000/", "4", "abc") == {
-        "url": "http://***@host:5000/#/experiments/4/runs/abc"  # no credentials
+        "url": f"http://***@host:5000/#/experiments/4/runs/abc{view}"  # no credentials
     }
     assert run_link("sqlite:////data/mlflow.db", "4", "abc") == {
         "command": "mlflow ui --backend-store-uri sqlite:////data/mlflow.db",
-        "url": "http://127.0.0.1:5000/#/experiments/4/runs/abc",
+        "url": f"http://127.0.0.1:5000/#/experiments/4/runs/abc{view}",
     }
     assert run_link("azureml://eastus.api.azureml.ms/mlflow/v1.0/x", "4", "abc") == {}
 

@@ -18,6 +18,7 @@ from typing import Any
 from equip.errors import EquipError
 from equip.serve.predict import RUN_ID, TAGGED, model_location
 from equip.terminal import say
+from equip.track.record import UI_TRAINING_VIEW
 from equip.track.redaction import strip_secrets
 
 Predict = Callable[[Any], Any]  # DataFrame(image=base64) -> DataFrame(class, probability, p_*)
@@ -65,7 +66,7 @@ def first_line(error: BaseException) -> str:
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> dict[str, str]:
     """Where the run is seen in the MLflow UI: a link on an MLflow server; for a local store,
     the command that opens the UI on it and the page to open there."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{UI_TRAINING_VIEW}"  # not GenAI
     if tracking_uri.startswith(("http://", "https://")):
         return {"url": f"{strip_secrets(tracking_uri).rstrip('/')}/{page}"}
     if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
