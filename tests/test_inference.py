@@ -4,9 +4,13 @@ logged before the ONNX export) and the quiet output of training and prediction."
 from __future__ import annotations
 
 import base64
+import os
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -164,3 +168,73 @@ def test_training_and_prediction_print_only_equip_lines(trained, tmp_path: Path)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert "2 image(s)" in predicted.stdout
     assert predicted.stderr == "", predicted.stderr[-3000:]
+
+
+# ONNX Runtime sends its usage events about 30 s after its first session, through the proxy.
+SESSION_THEN_WAIT = """
+import sys, time
+import numpy as np
+from equip.serve.onnx_export import INPUT, onnx_session
+onnx_session(sys.argv[1]).run(None, {INPUT: np.zeros((1, 3, 16, 16), np.uint8)})
+print("ran", flush=True)
+time.sleep(120)
+"""
+
+
+def test_onnx_runtime_sends_no_telemetry(trained):
+    """Two processes run the logged graph through equip's session, each behind a proxy that
+    records every connection: one as equip leaves it, one whose user turned ONNX Runtime's
+    telemetry back on (ORT_DISABLE_TELEMETRY=0), which shows the wait sees an upload."""
+    _, _, _, model_dir = trained
+    graph = str(model_dir / "artifacts" / "model.onnx")
+    setups = {"equip": {}, "user on": {"ORT_DISABLE_TELEMETRY": "0"}}
+    proxies = {name: RecordingProxy() for name in setups}
+    procs = {}
+    try:
+        for name, extra in setups.items():
+            env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+            env |= {"HTTPS_PROXY": proxies[name].url, "https_proxy": proxies[name].url, **extra}
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", SESSION_THEN_WAIT, graph],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        for proc in procs.values():
+            assert proc.stdout.readline() == "ran\n"
+        deadline = time.time() + 90
+        while not proxies["user on"].requests and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # the equip process is as old as the first upload, and a little more
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+        for proxy in proxies.values():
+            proxy.close()
+    sent = proxies["user on"].requests
+    assert sent, "ONNX Runtime sent nothing in 90 s when allowed to: the wait proves nothing"
+    assert all(b"events.data.microsoft.com" in line for line in sent), sent
+    assert proxies["equip"].requests == []
+
+
+class RecordingProxy:
+    """A listener that records the first line of each connection (a proxy's CONNECT)."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._record, daemon=True).start()
+
+    def _record(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                self.requests.append(conn.recv(1000).split(b"\r\n")[0])
+
+    def close(self) -> None:
+        self._listener.close()

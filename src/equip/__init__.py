@@ -15,4 +15,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+# ONNX Runtime (1.32) uploads usage events to mobile.events.data.microsoft.com about 30 s after
+# its first session, from a training that logs a model or a served one. Only this variable,
+# read when its environment is created, stops it: `disable_telemetry_events()` does not
+# (tests/test_inference.py watches through a proxy).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"

@@ -117,9 +117,6 @@ def onnx_session(path: str) -> onnxruntime.InferenceSession:
     OMP_WAIT_POLICY=PASSIVE): spinning takes the cores from anything else running."""
     import onnxruntime as ort
 
-    # Its telemetry (events.data.microsoft.com) would send usage from a user's or a served
-    # model's machine: found knocking on the stand-in workspace's proxy.
-    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpu_count()
     options.inter_op_num_threads = 1
