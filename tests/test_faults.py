@@ -218,7 +218,7 @@ def test_a_run_killed_with_sigkill_is_marked_killed_by_the_next_command(tmp_path
         proc.kill()
         proc.wait()
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody could say otherwise
-    nxt = run_cli("tracking.log_model=false", "trainer.max_epochs=1", cwd=tmp_path)
+    nxt = train_in_process([*TINY, "tracking.log_model=false", "trainer.max_epochs=1"], tmp_path)
     assert nxt.returncode == 0, nxt.stderr[-3000:]
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED"

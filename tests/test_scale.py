@@ -133,11 +133,11 @@ def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path, s
     run_id = run.info.run_id
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1]
 
-    # resume= errors: unknown id, and (below) a finished run
-    bad = _cli(*args, "resume=0123456789abcdef", cwd=tmp_path)
+    # resume= errors: unknown id, and (below) a finished run; train.py run in this process
+    bad = train_in_process([*TINY, *args, "resume=0123456789abcdef"], tmp_path)
     assert bad.returncode == 2 and "resume=0123456789abcdef: no such MLflow run" in bad.stderr
 
-    done = _cli(*args, "resume=last", cwd=tmp_path)
+    done = train_in_process([*TINY, *args, "resume=last"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     client, run = _only_run(tmp_path)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
@@ -149,7 +149,7 @@ def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path, s
     assert "checkpoints/best.ckpt" in artifacts(client, run_id)
     assert not (tmp_path / ".cache/equip/runs" / run_id).exists()  # removed once FINISHED
 
-    again = _cli(*args, f"resume={run_id}", cwd=tmp_path)
+    again = train_in_process([*TINY, *args, f"resume={run_id}"], tmp_path)
     assert again.returncode == 2 and "already FINISHED" in again.stderr
 
 
@@ -365,9 +365,7 @@ def test_a_resumed_sweep_continues_a_cut_off_job_from_its_checkpoint(tmp_path: P
     assert client.get_run(cut).info.status == "RUNNING"
     logged = len(client.get_metric_history(cut, "val_acc"))
 
-    rerun = subprocess.run(
-        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600
-    )
+    rerun = train_in_process(["-m", *SWEEP_FAST, *args], tmp_path)  # the same command
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     run = client.get_run(cut)
     assert run.info.status == "FINISHED" and run.data.tags["equip.resumed"] == "true"

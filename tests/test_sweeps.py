@@ -96,7 +96,7 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(tmp_path: Path, s
     assert done_before == seen
     assert 2 <= len(done_before) < 4
 
-    rerun = sweep(*args, cwd=tmp_path)
+    rerun = sweep_in_process(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     parent, children = parent_and_children(client)
     finished = [c for c in children if c.info.status == "FINISHED"]
@@ -167,9 +167,9 @@ def test_median_stopping_prunes_a_hopeless_job(tmp_path: Path, store: str):
 def test_an_aborted_sweep_does_not_leave_its_parent_running_and_its_rerun_ends_clean(
     tmp_path: Path, store: str
 ):
-    # A real process: the parent is ended as the process exits (atexit), not in-process.
+    # The parent is ended as the process exits (atexit): train_in_process runs those hooks.
     grid = "data.val_fraction=0.25,0.01,0.3"
-    proc = sweep(grid, "multirun.continue_on_failure=false", cwd=tmp_path)
+    proc = sweep_in_process(grid, "multirun.continue_on_failure=false", cwd=tmp_path)
     assert proc.returncode != 0
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent, children = parent_and_children(client)
@@ -177,7 +177,9 @@ def test_an_aborted_sweep_does_not_leave_its_parent_running_and_its_rerun_ends_c
     assert parent.info.status == "KILLED" and parent.data.metrics["jobs_failed"] == 1
     assert "stopped before its last job" in parent.data.tags["equip.error"]
 
-    rerun = sweep(grid, cwd=tmp_path)  # the same sweep (multirun.* is not part of it), resumed
+    rerun = sweep_in_process(
+        grid, cwd=tmp_path
+    )  # the same sweep (multirun.* is not part of it), resumed
     assert rerun.returncode == 4, rerun.stderr[-3000:]  # the 0.01 job fails again
     parent, _ = parent_and_children(client)
     assert parent.info.status == "FINISHED"

@@ -151,12 +151,6 @@ def test_multirun_gives_one_run_per_job_and_loads_data_once(tmp_path: Path, stor
     assert "MLflow: run" in proc.stderr
 
 
-def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path):
-    proc = run_cli("data=folder", f"data.root={tmp_path}/missing", cwd=tmp_path, tiny=False)
-    assert proc.returncode == 2
-    assert "equip: error: data.root=" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def test_a_job_does_not_depend_on_the_jobs_before_it(store: str):
     cfg = make_cfg("tracking.log_model=false")
     first = train(cfg, [])

@@ -33,6 +33,7 @@ from tests.conftest import (
     freeze_when,
     start_mlflow_server,
     stop_process,
+    train_in_process,
     write_pngs,
 )
 
@@ -61,12 +62,18 @@ class Store:
     cwd: Path = Path()
 
     def train(self, *args: str, wait: bool = True):
-        """`python train.py [-m] ARGS` in `cwd`, with the store's settings."""
+        """`python train.py [-m] ARGS` in `cwd`, with the store's settings: run the way
+        `__main__` runs it, in this process (its exit status and output), or (wait=False) as a
+        process of its own, for the test to stop."""
         flags = [a for a in args if a == "-m"]
-        args = tuple(a for a in args if a != "-m")
-        cmd = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, *QUIET, *args]
-        cmd += self.overrides
-        return self._run(cmd, {}, wait)
+        args = [*flags, *TINY, *QUIET, *(a for a in args if a != "-m"), *self.overrides]
+        if not wait:
+            return self._run([sys.executable, str(ROOT / "train.py"), *args], {}, wait=False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # a shell of the store's own
+            done = train_in_process(args, self.cwd, self.env)
+        assert done.returncode == 0, f"train.py {' '.join(args)}:\n{done.stderr[-4000:]}"
+        return done
 
     def module(self, name: str, *args: str):
         """`python -m NAME ARGS`: MLFLOW_TRACKING_URI names the store."""

@@ -69,6 +69,11 @@ def _worker_setup() -> None:
     os.environ[WORKER_ENV] = "1"
     stop_at_a_safe_point()  # the Ctrl-C passed on ends training after its current batch
     quiet_hydra_notices()  # each job composes its config here
+    # The training stack, loaded before the slot's first call (its pid): loky measures a
+    # worker's reference memory after that call and restarts a worker that has grown 300 MB
+    # past it. Loaded by the first job instead, torch and Lightning made every worker look
+    # leaky, so each job paid a new worker and ~9 s of imports (4 jobs: 4 workers, not 2).
+    import equip.train.run  # noqa: F401
 
 
 _slots: list[Slot] = []  # kept from batch to batch (Optuna's): the workers stay warm
