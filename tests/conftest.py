@@ -45,19 +45,24 @@ TINY = [
 # The slowest files first: the workers take a file each (--dist loadfile), and a long file that
 # starts last is the suite's tail. Measured with --durations on 2 cores; the rest keep their order.
 SLOWEST_FIRST = [
-    "test_workspace_flow.py",
     "test_faults.py",
+    "test_azureml_launcher.py",
     "test_scale.py",
     "test_sweeps.py",
     "test_ray.py",
-    "test_azureml_launcher.py",
-    "test_workspace_standin.py",
-    "test_recipe.py",
+    "test_workspace_flow.py",
     "test_registry.py",
+    "test_recipe.py",
     "test_concurrency.py",
-    "test_secrets.py",
-    "test_app.py",
     "test_inference.py",
+    "test_train.py",
+    "test_secrets.py",
+    "test_workspace_standin.py",
+    "test_docs.py",
+    "test_options.py",
+    "test_app.py",
+    "test_browser.py",
+    "test_cache_integrity.py",
 ]
 
 

@@ -155,9 +155,10 @@ def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path, s
 
 # ---------------------------------------------------------------- ddp
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(
-    tmp_path: Path, store: str
-):
+def test_a_ddp_sweep_records_one_run_per_job_with_whole_val_set_metrics(tmp_path: Path, store: str):
+    """Each job trains on two CPU processes and is one MLflow run under the sweep's parent:
+    its second rank trains that job only (not the sweep again) and records nothing; the second
+    job starts its own ranks although the first job's launcher ran in-process."""
     import mlflow
     import numpy as np
     import torch
@@ -166,12 +167,20 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(
     from equip.model.cnn import Classifier
 
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
-    proc = _cli(*ddp, cwd=tmp_path)
+    proc = _cli("-m", "model.filters=[4],[8]", *ddp, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("done ") == 1  # rank 1 prints nothing
-    client, run = _only_run(tmp_path)
+    assert proc.stderr.count("done ") == 2  # one line per job: rank 1 prints nothing
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs(["1"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.params["model.filters"] for r in children) == ["[4]", "[8]"]
+
+    [run] = [r for r in children if r.data.params["model.filters"] == "[8]"]
     run_id, m = run.info.run_id, run.data.metrics
-    assert run.info.status == "FINISHED" and run.data.params["trainer.devices"] == "2"
+    assert run.data.params["trainer.devices"] == "2"
     assert {
         "checkpoints/best.ckpt",
         "eval/confusion_matrix.csv",
@@ -203,22 +212,6 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_whole_val_set_metrics(
     assert val_acc == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=1e-6)
     assert val_loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), abs=1e-4)
     assert m["best_val_acc"] == pytest.approx(val_acc, abs=1e-6)
-
-
-@pytest.mark.slow
-def test_a_ddp_sweep_gives_one_parent_and_one_child_per_job(tmp_path: Path, store: str):
-    """Each job's second rank trains that job only (not the sweep again) and records nothing;
-    the second job starts its own ranks although the first job's launcher ran in-process."""
-    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
-    proc = _cli("-m", "model.filters=[4],[8]", *ddp, *FAST, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs(["1"])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert sorted(r.data.params["model.filters"] for r in children) == ["[4]", "[8]"]
 
 
 # ---------------------------------------------------------------- data on disk
