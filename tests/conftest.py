@@ -45,11 +45,12 @@ TINY = [
 # The slowest files first: the workers take a file each (--dist loadfile), and a long file that
 # starts last is the suite's tail. Measured with --durations on 2 cores; the rest keep their order.
 SLOWEST_FIRST = [
-    "test_faults.py",
     "test_azureml_launcher.py",
-    "test_scale.py",
     "test_sweeps.py",
+    "test_signals.py",
+    "test_scale.py",
     "test_ray.py",
+    "test_faults.py",
     "test_workspace_flow.py",
     "test_registry.py",
     "test_recipe.py",
