@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from equip.terminal import fail
+from equip.terminal import fail, printed_help
 
 # Imported only when chosen: `equip leaderboard` need not load the app's web stack.
 COMMANDS = {
@@ -25,8 +25,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(usage())
+    if printed_help(args, usage()):
         return 0
     if args[0] not in COMMANDS:
         fail(f"no command {args[0]!r}; one of {', '.join(COMMANDS)} (equip -h)", 2)

@@ -23,13 +23,12 @@ import sys
 from equip.errors import EquipError
 from equip.launchers.azureml import endpoint_spec
 from equip.launchers.azureml.endpoint_spec import DEFAULTS as DEFAULTS  # its keys, for the docs
-from equip.terminal import fail, fail_if_refused
+from equip.terminal import fail, fail_if_refused, printed_help
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
+    if printed_help(args, __doc__):
         return 0
     try:
         cfg = endpoint_spec.parse(args)

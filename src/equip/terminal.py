@@ -31,6 +31,15 @@ def say(*parts: Part) -> None:
     console.print(Text.assemble(*parts))
 
 
+def printed_help(args: list[str], text: str | None, *, without_args: bool = True) -> bool:
+    """A command's `-h`/`--help` (first argument), or no argument at all for a command that
+    needs some (`without_args`): `text` (its usage, the module's doc) printed, and True."""
+    if (args and args[0] in ("-h", "--help")) or (without_args and not args):
+        print(text)
+        return True
+    return False
+
+
 def fail_if_refused(
     error: BaseException, keep_traceback: Callable[[BaseException], str] | None = None
 ) -> None:

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from equip.errors import EquipError
 from equip.serve.runtimes import check_runtime
-from equip.terminal import fail, fail_if_refused, report
+from equip.terminal import fail, fail_if_refused, printed_help, report
 from equip.track.refusals import store_refusal
 
 DEFAULTS = {
@@ -146,8 +146,7 @@ def predict_files(predict, files: list[Path], chunk: int = 256):
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
+    if printed_help(args, __doc__):
         return 0
     try:
         cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(args))

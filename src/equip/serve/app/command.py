@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from equip.errors import EquipError
-from equip.terminal import fail, fail_if_refused, say
+from equip.terminal import fail, fail_if_refused, printed_help, say
 
 
 @dataclass
@@ -53,8 +53,7 @@ def options(args: list[str]) -> DictConfig:
 def main(argv: list[str] | None = None) -> int:
     """Serve until Ctrl-C: 0; 2 with one line when the model or the port is not there."""
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__)
+    if printed_help(args, __doc__, without_args=False):  # no argument: the champion
         return 0
     try:
         cfg = options(args)
