@@ -76,11 +76,12 @@ def build_pipeline(m: Mapping[str, Any], image_size: int, seed: int, n_jobs: int
         estimator = LogisticRegression(C=m["C"], max_iter=3000, random_state=seed)
         return make_pipeline(featurize, StandardScaler(), estimator)
     if m["estimator"] == "svm":
+        from sklearn.calibration import CalibratedClassifierCV
         from sklearn.svm import SVC
 
-        return make_pipeline(
-            featurize, StandardScaler(), SVC(C=m["C"], probability=True, random_state=seed)
-        )
+        # Platt-scaled probabilities, as SVC(probability=True) gave (deprecated in scikit-learn 1.9)
+        svm = CalibratedClassifierCV(SVC(C=m["C"], random_state=seed), ensemble=False)
+        return make_pipeline(featurize, StandardScaler(), svm)
     from sklearn.ensemble import RandomForestClassifier
 
     estimator = RandomForestClassifier(m["n_estimators"], n_jobs=n_jobs, random_state=seed)
@@ -97,6 +98,9 @@ def fit_baseline(
 ) -> tuple[Pipeline, float]:
     """Fit on flattened uint8 images; returns the pipeline and the fit time in seconds."""
     pipeline = build_pipeline(m, image_size, seed, n_jobs)
+    if m["estimator"] == "svm":  # each calibration fold needs every class: at most its image count
+        fewest = int(np.unique(y_train, return_counts=True)[1].min())
+        pipeline.set_params(calibratedclassifiercv__cv=max(2, min(5, fewest)))
     t0 = time.perf_counter()
     pipeline.fit(x_train, y_train)
     return pipeline, time.perf_counter() - t0
