@@ -30,6 +30,9 @@ ROWS: dict[str, list[str]] = {
     "baseline": ["model=baseline"],
     "lab05": ["model=cnn"],
     "gear": [],
+    # the recipe before the 10-minute budget: 128 px, 60 epochs (1.96x the training)
+    "gear_128px_60ep": ["data.image_size=128", "trainer.max_epochs=60"],
+    "gear_96px": ["data.image_size=96"],  # 0.73x the pixels
     "trivialaugment": ["data.augment.policy=trivialaugment"],
     "randaugment": ["data.augment.policy=randaugment"],
     "mixup": ["data.augment.mix=mixup", "data.augment.mix_alpha=0.2"],
