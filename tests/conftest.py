@@ -28,6 +28,14 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+
+# The Ctrl-C tests press Ctrl-C on the train.py they start, as a terminal would on a foreground
+# job. A suite started in the background by a script (`pytest &`, nohup) inherits SIGINT ignored
+# and passes that on to every child, which then trains through the Ctrl-C. exec resets a handled
+# signal to its default but keeps an ignored one ignored: handling it here gives the children
+# the terminal's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # The shared gear photos, beside the checkout; EQUIP_GEAR_IMAGES=PATH names them elsewhere.
 GEAR = Path(os.environ.get("EQUIP_GEAR_IMAGES") or ROOT.parent / "shared" / "data" / "gear_images")
 # Tiny and fast: 32 px images, 8 per class, 2 epochs.
