@@ -106,7 +106,7 @@ _BF16_ISAS = ("amx_tile", "avx512_bf16")  # CPU instruction sets with bf16 arith
 def resolve_precision(precision: str, accelerator: str) -> str:
     """trainer.precision=auto: bf16 mixed precision where the hardware runs it natively, else
     32-bit. `python bench/precision.py` (experiment=gear's CNN, 128 px, 2 cores): bf16-mixed
-    trains 1.99x as fast as 32-true on a Xeon with AMX and 1.71x on an AMD EPYC with AVX512-BF16
+    trains 1.99x as fast as 32-true on a Xeon with AMX and 1.68x on an AMD EPYC with AVX512-BF16
     (no AMX); CPUs with neither would emulate bf16, so they stay at 32-bit."""
     if str(precision) != "auto":
         return str(precision)
