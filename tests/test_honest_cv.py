@@ -1,4 +1,5 @@
-"""bench/honest_cv.py, the honest-CV table of issue 17: what it would train, and its table."""
+"""bench/honest_cv.py, the honest-CV table of issue 17: what it would train, and its table;
+bench/tta_folds.py, which re-scores a finished row's fold models with each model.tta."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ from pathlib import Path
 import pytest
 
 from equip.sweep.crossval import CvResult
-from tests.conftest import ready_store
+from tests.conftest import ready_store, train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def honest_cv():
-    spec = importlib.util.spec_from_file_location("honest_cv", ROOT / "bench" / "honest_cv.py")
+def bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def honest_cv():
+    return bench_script("honest_cv")
 
 
 def cv(parent: str, *scores: float, folds_key: str = "k") -> CvResult:
@@ -67,3 +72,29 @@ def test_a_dry_run_lists_each_rows_cv_sweep_and_trains_nothing(
     with pytest.raises(SystemExit):
         honest_cv.main(["--rows", "baseline,bogus"])
     assert "--rows: unknown bogus" in capsys.readouterr().err
+
+
+def test_tta_folds_rescores_each_fold_model_on_its_own_val_fold_as_its_run_logged(
+    honest_cv, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """The fold run's checkpoint and data/split.csv must give back the accuracy it logged (else
+    the script stops): what makes a TTA comparison without retraining a paired one."""
+    tta_folds = bench_script("tta_folds")
+    uri = ready_store(tmp_path)
+    args = ["--data", "synthetic", "--per-class", "6", "--image-size", "16", "--epochs", "2"]
+    args += ["--folds", "2", "--tracking-uri", uri]
+    extra = ["model.filters=[4,8]", "trainer.precision=32-true"]  # bf16 could flip a near tie
+    overrides = honest_cv.row_overrides(
+        "lab05", honest_cv.base_overrides(honest_cv.parse(args)), extra
+    )
+    done = train_in_process(["-m", "sweep=cv", *overrides, "data.fold=0,1"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    capsys.readouterr()
+    assert tta_folds.main([*args, "--rows", "lab05", "--tta", "none,hflip", "--set", *extra]) == 0
+    out = capsys.readouterr().out
+    folds = [line for line in out.splitlines() if line.startswith("lab05 fold ")]
+    assert len(folds) == 2 and all("(36 photos, tta=none)" in line for line in folds), out
+    summary = out.split("lab05: val accuracy by model.tta over 2 folds")[1].splitlines()
+    [logged] = [line.split()[1] for line in summary if line.strip().startswith("logged")]
+    [none] = [line.split()[1:3] for line in summary if line.strip().startswith("none")]
+    assert none[0] == logged and none[1] == "±"
