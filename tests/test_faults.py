@@ -23,6 +23,7 @@ from tests.conftest import (
     start_mlflow_server,
     sweep,
     train_in_process,
+    write_pngs,
 )
 
 PORT_NOBODY_LISTENS_ON = port_nobody_listens_on()
@@ -153,6 +154,33 @@ def test_a_loss_that_becomes_nan_fails_the_run_in_one_line(
     assert run.info.status == "FAILED"
     assert run.data.tags["equip.error"].startswith("TrainingFailed: loss became NaN at epoch 1")
     assert "val_acc" not in run.data.metrics  # stopped within its first epoch
+
+
+def test_an_svm_on_a_class_with_one_training_photo_fails_the_run_in_one_line(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """Its probabilities are calibrated on folds of the training photos, each with every class."""
+    write_pngs(tmp_path / "photos" / "ropes", 6)
+    for file in write_pngs(tmp_path / "photos" / "tents", 8)[:6]:  # not the ropes' pictures
+        file.unlink()  # 2 tents left, val_fraction=0.5: one to train on
+    cfg = make_cfg(
+        "data=folder",
+        f"data.root={tmp_path / 'photos'}",
+        "data.image_size=32",
+        "data.val_fraction=0.5",
+        "model=baseline",
+        "model.estimator=svm",
+        "tracking.log_model=false",
+        tiny=False,
+    )
+    with pytest.raises(SystemExit) as stop:
+        run_training(cfg)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err  # bad input, as a bad key
+    [line] = [line for line in err.splitlines() if "error" in line]
+    assert line.startswith("equip: error: model.estimator=svm calibrates") and "'tents'" in line
+    [run] = MlflowClient(store).search_runs(["1"])
+    assert run.info.status == "FAILED"
 
 
 @pytest.mark.slow

@@ -106,6 +106,21 @@ def fit_baseline(
     return pipeline, time.perf_counter() - t0
 
 
+def check_calibration_folds(y_train: np.ndarray, classes: Sequence[str]) -> None:
+    """The svm's probabilities are calibrated on held-out folds of the training images, and
+    each fold needs every class: a class with a single training image cannot be split."""
+    from equip.errors import EquipError
+
+    present, counts = np.unique(y_train, return_counts=True)
+    single = [classes[c] for c, n in zip(present, counts, strict=True) if n < 2]
+    if single:
+        raise EquipError(
+            "model.estimator=svm calibrates its probabilities on at least 2 folds of the "
+            f"training images, but class {', '.join(map(repr, single))} has a single training "
+            "image; add photos of it, lower data.val_fraction, or use model.estimator=logreg."
+        )
+
+
 def predict_proba(pipeline: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
     """Class probabilities with one column per class, even for classes unseen in training."""
     proba = pipeline.predict_proba(x)
@@ -129,6 +144,8 @@ def fit_and_log(
         return images.images[idx].reshape(len(idx), -1).numpy(), images.labels[idx].numpy()
 
     x_train, y_train = flat("train")
+    if cfg.model.estimator == "svm":
+        check_calibration_folds(y_train, images.classes)
     n_jobs = max(1, cpu_count() // max(parallel_jobs, 1))  # share cores with parallel jobs
     pipeline, fit_time = fit_baseline(
         cfg.model, x_train, y_train, cfg.data.image_size, cfg.seed, n_jobs
