@@ -26,11 +26,9 @@ import honest_cv  # noqa: E402  # the rows, their overrides and their CV in the 
 TTAS = ("none", "hflip", "multiscale", "multiscale_hflip")
 
 
-def fold_files(client, run_id: str, into: Path) -> tuple[Path, dict[str, str]]:
-    """The fold model's checkpoint and its split (path -> train/val), from the run."""
-    ckpts = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
-    # keep=last logs final.ckpt, keep=best best.ckpt: the run has the one it validated
-    [ckpt] = [p for p in ckpts if p.endswith(".ckpt")]
+def fold_files(client, run_id: str, keep: str, into: Path) -> tuple[Path, dict[str, str]]:
+    """The fold model it validated (trainer.keep) and its split (path -> train/val)."""
+    ckpt = "checkpoints/final.ckpt" if keep == "last" else "checkpoints/best.ckpt"
     local = Path(client.download_artifacts(run_id, ckpt, str(into)))
     split_csv = Path(client.download_artifacts(run_id, "data/split.csv", str(into)))
     with split_csv.open() as f:
@@ -66,7 +64,7 @@ def score_row(name: str, overrides: Sequence[str], ttas: Sequence[str]) -> dict[
     out: dict[str, list[float]] = {"logged": [], **{t: [] for t in ttas}}
     for fold in sorted(cv.run_ids):
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt, split = fold_files(client, cv.run_ids[fold], Path(tmp))
+            ckpt, split = fold_files(client, cv.run_ids[fold], cfg.trainer.keep, Path(tmp))
             model = load_classifier(str(ckpt))
         val = [index[p] for p, s in split.items() if s == "val"]
         x, y = images.images[val], images.labels[torch.tensor(val)]
