@@ -2,12 +2,12 @@
 finished honest-CV row (bench/honest_cv.py) re-scores its own val fold with every `model.tta`.
 
 TTA changes only how a trained model predicts, so the fold models `sweep=cv` already trained
-and logged (their checkpoint and data/split.csv) give the paired comparison in seconds, on the
+and logged (their checkpoint and data/split.csv) give the paired comparison in minutes, on the
 very folds the row was scored on. The row's own setting is re-scored too, and must reproduce
 the accuracy the run logged: a check that the images and the model are the ones it validated.
 
     python bench/tta_folds.py --tracking-uri sqlite:///mlflow.db          # the gear row
-    python bench/tta_folds.py --rows gear,gear_96px --image-size 112
+    python bench/tta_folds.py --root /path/to/gear_images --rows gear,gear_96px
 """
 
 from __future__ import annotations
