@@ -84,9 +84,14 @@ def score_row(name: str, overrides: Sequence[str], ttas: Sequence[str]) -> dict[
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> str:
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
-    return f"{statistics.mean(diffs):+.4f} ({se:.4f})"
+    """'+0.002 (0.001)': fold-by-fold a - b, as the CV gate and bench/honest_cv.py pair them."""
+    from equip.sweep.crossval import CvResult, paired_difference
+
+    def folds(scores: Sequence[float]) -> CvResult:
+        return CvResult("", dict(enumerate(scores)), {}, len(scores), "")
+
+    d = paired_difference(folds(a), folds(b))
+    return f"{d['mean_diff']:+.4f} ({d['se']:.4f})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
