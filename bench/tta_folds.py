@@ -84,14 +84,13 @@ def score_row(name: str, overrides: Sequence[str], ttas: Sequence[str]) -> dict[
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> str:
-    """'+0.002 (0.001)': fold-by-fold a - b, as the CV gate and bench/honest_cv.py pair them."""
-    from equip.sweep.crossval import CvResult, paired_difference
+    """'+0.002 (0.001)': fold-by-fold a - b, paired and printed as bench/honest_cv.py does."""
+    from equip.sweep.crossval import CvResult
 
     def folds(scores: Sequence[float]) -> CvResult:
         return CvResult("", dict(enumerate(scores)), {}, len(scores), "")
 
-    d = paired_difference(folds(a), folds(b))
-    return f"{d['mean_diff']:+.4f} ({d['se']:.4f})"
+    return honest_cv.paired(folds(a), folds(b))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
