@@ -22,6 +22,7 @@ The convention the docs follow:
   and short: this whole file runs in about a minute.
 - Other programs (pip, mlflow, ray, az, curl) are shown for the reader and not run.
 - Every relative link (`[…](docs/x.md#anchor)`) leads to a file and a heading that exist.
+- The configs tables of README.md and docs/training.md name every option a user can pick.
 """
 
 from __future__ import annotations
@@ -277,3 +278,18 @@ def test_relative_links_lead_somewhere(doc: Path) -> None:
         if not path.exists() or (anchor and path.suffix == ".md" and anchor not in slugs(path)):
             broken.append(target)
     assert broken == [], f"{doc.name}: broken links {broken}"
+
+
+# ---------------------------------------------------------------- the configs table
+@pytest.mark.parametrize("doc", [ROOT / "README.md", ROOT / "docs" / "training.md"], ids=str)
+def test_the_configs_table_names_every_option(doc: Path) -> None:
+    """`| \\`group\\` | \\`option\\`, … |` rows: every YAML option a user can pick is there."""
+    from tests.test_config import options
+
+    rows = dict(re.findall(r"^\| `([\w/+]+)` \|([^|]*)\|", doc.read_text(), flags=re.MULTILINE))
+    missing = []
+    for option in options():
+        group, choice = option.lstrip("+").split("=")
+        if f"`{choice}`" not in rows.get(group, ""):
+            missing.append(option)
+    assert missing == [], f"{doc.name}: the configs table lacks {missing}"
