@@ -170,6 +170,20 @@ def test_a_damaged_photo_entry_is_decoded_again(tmp_path: Path, caplog: pytest.L
     assert again.decoded == 1 and not _warnings(caplog)
 
 
+def test_renamed_photos_are_read_in_their_new_order_not_the_cached_sets(tmp_path: Path):
+    """A rename keeps every photo's bytes (the data fingerprint stays) but reorders the files:
+    each row must still be its own file's pixels, for the labels, paths and split to hold."""
+    photos, cache = tmp_path / "photos", tmp_path / "cache"
+    _write_photos(photos, 3)
+    first = load_folder(photos, 32, cache)
+    (photos / "a" / "0.png").rename(photos / "a" / "z.png")  # 0.png sorted first, z.png last
+    again = load_folder(photos, 32, cache)
+    fresh = load_folder(photos, 32, None)  # decoded now, no cache
+    assert again.fingerprint == first.fingerprint and again.paths == fresh.paths
+    assert again.decoded == 0  # every photo still read from its cache entry
+    assert torch.equal(torch.as_tensor(again.images[:]), fresh.images)
+
+
 def test_a_set_without_a_checksum_is_built_again(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, "equip.data")
     cache = tmp_path / "cache"

@@ -146,10 +146,19 @@ class _Loaded:
     decoded: int = 0
 
     def fingerprint(self, classes: list[str], size: int) -> str:
+        """The data set's identity: which photos (by content) in which class, whatever their
+        names and order; runs and baselines are compared by it."""
         fp = hashlib.sha256(f"folder v{PREPROCESS_VERSION} {size}px\n".encode())
         for sha, label in sorted(zip(self.shas, self.labels, strict=True)):
             fp.update(f"{classes[label]}/{sha}\n".encode())
         return fp.hexdigest()[:16]
+
+    def rows_key(self, size: int) -> str:
+        """The decoded set's cache key: its photos in row (file) order. Not the fingerprint: a
+        rename keeps that but reorders the rows, and the rows must follow the files."""
+        key = hashlib.sha256(f"folder rows v{PREPROCESS_VERSION} {size}px\n".encode())
+        key.update("\n".join(self.shas).encode())
+        return key.hexdigest()[:16]
 
 
 def _load_files(
@@ -207,7 +216,8 @@ def load_folder(
         with tempfile.TemporaryFile(dir=cache_dir, prefix=".folder-rows.") as rows:
             got = _load_files(root, files, image_size, cache_dir, lambda a: rows.write(a.tobytes()))
             fingerprint = got.fingerprint(classes, image_size)
-            path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{image_size}px-{fingerprint}.npy"
+            key = got.rows_key(image_size)
+            path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{image_size}px-{key}.npy"
             images = _rows_to_store(rows, path, len(got.labels), image_size, ram_budget_mb)
     return ImageSet(
         images=images,
