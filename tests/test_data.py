@@ -30,6 +30,21 @@ def test_transparency_becomes_white_and_aspect_is_kept_with_white_padding():
     assert out[1, 16, 16] < 60 and out[2, 16, 16] < 60  # the red object survives (stretched)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_png_colour_key_transparency_becomes_white(mode: str, tmp_path: Path):
+    """PNG optimisers (optipng, oxipng) store on/off alpha as a tRNS colour key on an L or
+    RGB image, not as an alpha channel: the keyed pixels are transparent all the same."""
+    rgb = np.asarray(rgba_black_under_alpha())[..., :3]
+    img = Image.fromarray(rgb, "RGB").convert(mode)
+    key = 0 if mode == "L" else (0, 0, 0)
+    img.save(tmp_path / "keyed.png", transparency=key)
+    with Image.open(tmp_path / "keyed.png") as saved:
+        assert saved.mode == mode and saved.info["transparency"] == key  # as optimisers write it
+        out = preprocess(saved, 32)
+    assert (out[:, 16, 0] == 255).all()  # the keyed background: white, not black
+    assert out[:, 16, 16].min() < 100  # the object is not keyed out
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "LA", "I;16", "RGB"])
 def test_every_pixel_format_becomes_3_channel_uint8(mode: str):
     base = Image.fromarray(np.tile(np.linspace(20, 220, 24, dtype=np.uint8), (24, 1)), "L")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-PREPROCESS_VERSION = 1  # bump when preprocess() changes: invalidates every disk cache entry
+PREPROCESS_VERSION = 2  # bump when preprocess() changes: invalidates every disk cache entry
 
 
 def _to_rgb_on_white(img: Image.Image) -> Image.Image:
@@ -15,8 +15,8 @@ def _to_rgb_on_white(img: Image.Image) -> Image.Image:
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
         img = Image.fromarray(a.astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")  # a palette's or a colour key's (PNG tRNS) transparency
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         # Gear PNGs hide near-black pixels under the alpha: convert("RGB") would show them.
         rgba = img.convert("RGBA")

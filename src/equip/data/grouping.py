@@ -32,7 +32,8 @@ from PIL import Image
 from equip.data._imageset import ImageSet
 from equip.errors import EquipError
 
-HASH_VERSION = 1  # bump when dhash() changes: every cached hash is computed again
+# Bump when dhash() or the image it hashes (on_white) changes: every cached hash is made again.
+HASH_VERSION = 2
 REASONS = ("bytes", "name", "near_duplicate")  # the order ties are made, and merges counted in
 _PAIRS_PER_BLOCK = 2**22  # hash pairs compared at once: 32 MiB of uint64 XORs
 
