@@ -137,6 +137,63 @@ def test_bad_folder_layouts_are_named(tmp_path: Path, layout: dict, message: str
         scan_folder(tmp_path)
 
 
+def test_a_tree_as_users_keep_it_is_read_as_they_expect(tmp_path: Path, caplog):
+    """Symlinked folders are followed (a loop walked once); hidden files and folders, and a
+    Mac zip's __MACOSX, are no photos; other files are counted in one warning."""
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    for folder in (
+        root / "a",
+        root / "b",
+        elsewhere,
+        root / "a" / ".thumbnails",
+        root / "__MACOSX" / "a",
+    ):
+        folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8), "red").save(root / "a" / f"{i}.png")
+        Image.new("RGB", (8, 8), "blue").save(root / "b" / f"{i}.jpg")
+        Image.new("RGB", (8, 8), "green").save(elsewhere / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(root / "b" / "2.jfif", format="JPEG")
+    (root / "a" / "more").symlink_to(elsewhere)  # more photos of class a, kept elsewhere
+    (root / "a" / "loop").symlink_to(root / "a")  # a folder that holds itself
+    for hidden in (root / "a" / ".thumbnails" / "0.png", root / "a" / "._0.png"):
+        hidden.write_bytes((root / "a" / "0.png").read_bytes())
+    (root / "__MACOSX" / "a" / "._0.png").write_bytes(b"resource fork")
+    (root / "b" / "IMG_1.HEIC").write_bytes(b"a HEIC photo")
+    (root / "b" / "notes.txt").write_text("not a photo")
+    with caplog.at_level(logging.WARNING):
+        classes, files = scan_folder(root)
+    assert classes == ["a", "b"]
+    relative = sorted(str(p.relative_to(root)) for p, _ in files)
+    assert relative == [
+        "a/0.png",
+        "a/1.png",
+        "a/more/0.png",
+        "a/more/1.png",
+        "b/0.jpg",
+        "b/1.jpg",
+        "b/2.jfif",
+    ]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == (
+        f"not read under data.root={root}: 2 file(s) without an image extension (.heic 1, .txt 1)"
+    )
+
+
+def test_a_class_with_no_readable_photo_is_named_with_its_fix(tmp_path: Path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "a" / f"{i}.png")
+        (tmp_path / "b" / f"{i}.jpg").write_bytes(b"")  # zero bytes, as a failed copy leaves
+    with pytest.raises(EquipError) as raised:
+        load_folder(tmp_path, 16, None)
+    assert str(raised.value) == (
+        f"class folder(s) under data.root={tmp_path} with no readable image: b (every file "
+        "failed to decode; the warning above names them). Replace the files or remove the folder."
+    )
+
+
 def test_missing_root_names_the_key(tmp_path: Path):
     with pytest.raises(EquipError, match="data.root=.*does not exist"):
         scan_folder(tmp_path / "nope")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import tempfile
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -32,10 +34,53 @@ from equip.errors import EquipError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+}
+NOT_PHOTOS = {"__MACOSX"}  # a zip made on a Mac: resource forks beside the real folders
 
 
 # ---------------------------------------------------------------- scanning
+def _shown(name: str) -> bool:
+    """Hidden files and folders (.thumbnails, ._x.jpg, .DS_Store) and __MACOSX are no photos."""
+    return not name.startswith(".") and name not in NOT_PHOTOS
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every shown file under `folder`, through symlinked folders too (pathlib's rglob does not
+    follow them before Python 3.13); a folder reached twice (a symlink loop) is walked once."""
+    walked: set[tuple[int, int]] = set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in walked:
+            folders.clear()
+            continue
+        walked.add((st.st_dev, st.st_ino))
+        folders[:] = [d for d in folders if _shown(d)]
+        # A broken or looping symlink is kept: reading it fails, so it is counted as skipped.
+        yield from (Path(top) / name for name in names if _shown(name))
+
+
+def image_files(folder: Path) -> tuple[list[Path], Counter[str]]:
+    """(the image files under `folder`, sorted; the other files' count per extension)."""
+    images, others = [], Counter()
+    for path in _files_under(folder):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            others[path.suffix.lower() or "(no extension)"] += 1
+    return sorted(images), others
+
+
 def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class-per-folder tree -> (class names, [(file, class index)]). Raises on every bad layout."""
     if not root.is_dir():
@@ -43,24 +88,20 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             f"data.root={root} does not exist or is not a folder. "
             "Point data.root at a folder with one sub-folder of images per class."
         )
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _shown(p.name))
     if not class_dirs:
         raise EquipError(
             f"data.root={root} has no class folders. Put each class's images in its own "
             "sub-folder, e.g. data.root/helmets/*.jpg, data.root/rope/*.jpg."
         )
     files: list[tuple[Path, int]] = []
-    empty = []
+    empty, others = [], Counter()
     for idx, d in enumerate(class_dirs):
-        # A broken or looping symlink is kept: reading it fails, so it is counted as skipped.
-        found = sorted(
-            p
-            for p in d.rglob("*")
-            if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        found, other = image_files(d)
         if not found:
             empty.append(d.name)
         files += [(p, idx) for p in found]
+        others += other
     if empty:
         raise EquipError(
             f"class folder(s) with no images under data.root={root}: {', '.join(empty)}. "
@@ -70,6 +111,13 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise EquipError(
             f"data.root={root} has only 1 class folder ({class_dirs[0].name}); a classifier "
             "needs at least 2. Add another class folder."
+        )
+    if others:
+        log.warning(
+            "not read under data.root=%s: %d file(s) without an image extension (%s)",
+            root,
+            sum(others.values()),
+            ", ".join(f"{ext} {n}" for ext, n in sorted(others.items())),
         )
     return [d.name for d in class_dirs], files
 
@@ -163,13 +211,14 @@ class _Loaded:
 
 def _load_files(
     root: Path,
+    classes: list[str],
     files: list[tuple[Path, int]],
     size: int,
     cache_dir: Path | None,
     sink: Callable[[np.ndarray], object],
 ) -> _Loaded:
     """Read every file, passing each image to `sink`; unreadable files are logged and skipped,
-    and none readable at all is an error."""
+    and a class (or the whole tree) with none readable is an error."""
     got = _Loaded()
     for path, label in files:
         try:
@@ -194,6 +243,13 @@ def _load_files(
             f"no readable image under data.root={root}; every file failed to decode:\n"
             + "\n".join(f"  {p}: {why}" for p, why in got.skipped)
         )
+    unread = sorted(set(classes) - {classes[label] for label in got.labels})
+    if unread:
+        raise EquipError(
+            f"class folder(s) under data.root={root} with no readable image: "
+            f"{', '.join(unread)} (every file failed to decode; the warning above names them). "
+            "Replace the files or remove the folder."
+        )
     return got
 
 
@@ -208,13 +264,15 @@ def load_folder(
     images: torch.Tensor | DiskImages
     if cache_dir is None:
         arrays: list[np.ndarray] = []
-        got = _load_files(root, files, image_size, None, arrays.append)
+        got = _load_files(root, classes, files, image_size, None, arrays.append)
         fingerprint = got.fingerprint(classes, image_size)
         images = torch.from_numpy(np.stack(arrays))
     else:  # decoded rows go to disk as they come, not into a list
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=cache_dir, prefix=".folder-rows.") as rows:
-            got = _load_files(root, files, image_size, cache_dir, lambda a: rows.write(a.tobytes()))
+            got = _load_files(
+                root, classes, files, image_size, cache_dir, lambda a: rows.write(a.tobytes())
+            )
             fingerprint = got.fingerprint(classes, image_size)
             key = got.rows_key(image_size)
             path = cache_dir / f"folder-v{PREPROCESS_VERSION}-{image_size}px-{key}.npy"

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from equip.data._builtin import load_synthetic, synthetic_cache_file
-from equip.data._folder import IMAGE_SUFFIXES, load_folder, scan_folder
+from equip.data._folder import IMAGE_SUFFIXES, image_files, load_folder, scan_folder
 from equip.data._imageset import ImageSet
 from equip.data._preprocess import PREPROCESS_VERSION, preprocess
 from equip.errors import EquipError
@@ -25,6 +25,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "PREPROCESS_VERSION",
     "ImageSet",
+    "image_files",
     "load_folder",
     "load_images",
     "load_synthetic",

@@ -38,13 +38,13 @@ TAGGED = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
 
 def find_images(path: Path) -> list[Path]:
-    from equip.data.images import IMAGE_SUFFIXES
+    from equip.data.images import IMAGE_SUFFIXES, image_files
 
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise EquipError(f"images={path} does not exist; give an image file or a folder.")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in image_files(path)[0] if p.is_file()]  # as training reads a class folder
     if not files:
         raise EquipError(
             f"images={path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})."
