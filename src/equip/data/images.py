@@ -16,9 +16,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from equip.data._builtin import load_synthetic, synthetic_cache_file
-from equip.data._folder import IMAGE_SUFFIXES, image_files, load_folder, scan_folder
+from equip.data._folder import load_folder
 from equip.data._imageset import ImageSet
 from equip.data._preprocess import PREPROCESS_VERSION, preprocess
+from equip.data._scan import IMAGE_SUFFIXES, image_files, scan_folder
 from equip.errors import EquipError
 
 __all__ = [
