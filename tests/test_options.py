@@ -73,6 +73,9 @@ RUNS = [
         "data.augment.mix_alpha=0.4",
     ],
     ["trainer=debug"],
+    # A *-true precision casts the weights: the images must follow them (here on any CPU).
+    ["model.filters=[4]", "trainer.precision=64-true"],
+    ["model.filters=[4]", "model.batch_norm=true", "trainer.precision=bf16-true"],
     # No validation images in a final fit: plateau watches the training loss instead.
     ["final_fit=true", "model.scheduler=plateau", "model.filters=[4]"],
     *(

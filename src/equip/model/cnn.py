@@ -141,7 +141,7 @@ class Normalize(nn.Module):
     Part of the network, so a logged model takes the same uint8 images the data module yields."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).mul(2 / 255).sub(1)
+        x = x.to(torch.get_default_dtype()).mul(2 / 255).sub(1)  # a *-true precision sets it
         return x.contiguous(memory_format=torch.channels_last)
 
 
