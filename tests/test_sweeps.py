@@ -58,6 +58,22 @@ def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Pat
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_sweep_of_final_fits_ends_with_its_leaderboard_and_no_best_run(
+    tmp_path: Path, store: str
+):
+    """A final fit validates nothing: the sweep still ends as any other, without a best job."""
+    proc = sweep_in_process("final_fit=true", "model.lr=0.001,0.01", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Callback" not in proc.stderr and "finished: 2, failed: 0" in proc.stdout
+    client = MlflowClient(store)
+    parent, children = parent_and_children(client)
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+    assert parent.data.metrics["jobs_finished"] == 2 and "equip.best_run_id" not in parent.data.tags
+    assert "sweep/leaderboard.csv" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "sweep")
+    }
+
+
 def test_a_failing_job_is_recorded_the_sweep_goes_on_and_exits_4(tmp_path: Path, store: str):
     # val_fraction=0.01 passes the config checks but leaves classes without validation images.
     proc = sweep_in_process("data.val_fraction=0.25,0.01,0.3", cwd=tmp_path)

@@ -35,8 +35,14 @@ def html_table(cols: list[str], rows: list[dict[str, Any]]) -> str:
     )
 
 
+def monitored(parent) -> str:
+    """The metric a sweep's jobs are ranked by, as its runs log it (best_val_acc...)."""
+    return "best_" + parent.data.tags.get(schema.MONITOR, "val_acc")
+
+
 def parallel_plot(rows: list[dict[str, Any]], keys: list[str], parent):
-    """Swept values against the monitored metric, one line per finished job.
+    """Swept values against the monitored metric, one line per finished job that has it (at
+    least one).
 
     Hand-written: pandas' parallel_coordinates colours by class and cannot mix categorical
     (e.g. filters=[32, 64]) and numeric axes, which is exactly what a sweep has."""
@@ -45,7 +51,7 @@ def parallel_plot(rows: list[dict[str, Any]], keys: list[str], parent):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    monitor = "best_" + parent.data.tags.get(schema.MONITOR, "val_acc")
+    monitor = monitored(parent)
     done = [r for r in rows if r["status"] == "FINISHED" and r.get(monitor) is not None]
     axes = [*keys, monitor]
     fig, ax = plt.subplots(figsize=(2.2 * len(axes) + 2, 4.5), layout="constrained")

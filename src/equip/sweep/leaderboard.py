@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from equip.sweep._board_files import cell, html_table, parallel_plot
+from equip.sweep._board_files import cell, html_table, monitored, parallel_plot
 from equip.terminal import report
 from equip.track import queries, schema
 from equip.track import record as tracking
@@ -208,6 +208,8 @@ def summarize(parent_id: str, since: float = 0.0, step: int = 0) -> dict[str, An
     client.log_text(parent_id, html_table(cols, rows), "sweep/leaderboard.html")
     tracking.log_metrics(parent_id, counts, step=step)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
+    if best is not None and best.get(monitored(parent)) is None:  # final fits: none validated
+        best = None
     cv = cv_summary(rows) if keys == [CV_KEY] else None
     if cv is not None:  # the estimate is the folds' mean, not the luckiest fold
         tracking.log_metrics(parent_id, cv, step=step)
