@@ -97,6 +97,11 @@ def test_ints_are_accepted_where_floats_are_typed():
         (["+model.fliters=[8]"], "model.fliters=[8]: no such config key in model. Did you mean "),
         (["+foo=1"], "foo=1: no such config key at the top level."),
         (["+data.auth={token:hunter2}"], "data.auth=***: no such config key in data."),
+        (
+            ["registry.enabled=true", "registry.name=gear/v2"],
+            "registry.name='gear/v2' is not a model name MLflow accepts",
+        ),
+        (["registry.enabled=true", "registry.name="], "registry.name='' is not a model name"),
     ],
 )
 def test_a_wrong_type_choice_or_key_is_one_line_naming_key_and_value(overrides, says):

@@ -52,6 +52,14 @@ def check_registry(cfg: DictConfig) -> None:
             "registry.enabled=true registers a CNN that beats the baseline, "
             "the reference itself. Drop registry.enabled=true."
         )
+    name = str(r.name)
+    # MLflow refuses '/' and ':' in a name, only when it registers (after the training);
+    # '@' would break models:/NAME@ALIAS.
+    if not name.strip() or name != name.strip() or any(c in name for c in "/:@"):
+        raise EquipError(
+            f"registry.name={name!r} is not a model name MLflow accepts: use letters, digits, "
+            "'-', '_' or '.', e.g. registry.name=equip-gear."
+        )
     if r.model == "ensemble":
         return  # the sweep's parent logs the ensemble, whatever tracking.log_model says
     if r.gate == "cv" and cfg.data.folds is not None:
