@@ -229,6 +229,9 @@ def test_val_fraction_that_leaves_a_class_without_validation_is_refused():
         split_images(images, 0.1, 0.0, seed=0)
     with pytest.raises(EquipError, match="data.val_fraction=1.5"):
         split_images(images, 1.5, 0.0, seed=0)
+    one = load_images(make_cfg("data.per_class=1").data)  # no fraction can split one image
+    with pytest.raises(EquipError, match="class 'axes' has 1 distinct image.*at least 2"):
+        split_images(one, 0.5, 0.0, seed=0)
 
 
 def test_second_load_in_a_process_comes_from_memory():

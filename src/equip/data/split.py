@@ -37,6 +37,11 @@ def split_images(
         groups = sorted({group_of[i] for i in np.flatnonzero(labels == c)} - side.keys())
         rng = np.random.default_rng([seed, c])
         rng.shuffle(groups)
+        if len(groups) < 2:  # no fraction helps: one side or the other goes without it
+            raise EquipError(
+                f"class {name!r} has {len(groups)} distinct image(s): a class needs at least 2, "
+                "one to train on and one to validate. Add images to it."
+            )
         n_val = math.floor(len(groups) * val_fraction + 0.5)  # round half up, not to even
         n_test = math.floor(len(groups) * test_fraction + 0.5)
         if n_val < 1:
