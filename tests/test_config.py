@@ -102,12 +102,18 @@ def test_ints_are_accepted_where_floats_are_typed():
             "registry.name='gear/v2' is not a model name MLflow accepts",
         ),
         (["registry.enabled=true", "registry.name="], "registry.name='' is not a model name"),
+        (["data.kind=folder"], "data.kind=folder does not choose a data set. Choose the data "),
     ],
 )
 def test_a_wrong_type_choice_or_key_is_one_line_naming_key_and_value(overrides, says):
     with pytest.raises(EquipError) as e, config_errors():
         check_config(make_cfg(*overrides))
     assert str(e.value).startswith(says) and "\n" not in str(e.value)
+
+
+def test_the_data_sets_base_is_not_a_data_set():
+    with pytest.raises(EquipError, match="^data.kind is unset: data=common is what the data sets"):
+        check_config(make_cfg("data=common", tiny=False))
 
 
 def test_keys_of_your_own_go_under_notes():

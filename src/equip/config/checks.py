@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from equip.config.explain import check_known_keys, check_required, choice_error
+from equip.config.explain import WHICH_DATA, check_known_keys, check_required, choice_error
 from equip.config.modes import check_registry, check_run_mode, check_weight_averaging
 
 # The machine's checks (config.resources), re-exported: importable from here as before.
@@ -102,6 +102,8 @@ def check_data(d: DictConfig) -> None:
     _in_range(d, "ram_budget_mb", 0)
     if d.get("cache_dir"):
         check_folder_path(str(d.cache_dir), "data.cache_dir")
+    if str(d.kind) != ("synthetic" if "per_class" in d else "folder"):  # not the group's kind
+        raise EquipError(f"data.kind={d.kind} does not choose a data set. {WHICH_DATA}")
     if d.kind == "synthetic":
         _in_range(d, "per_class", 1, 100_000)
     elif not d.root:

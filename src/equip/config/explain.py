@@ -19,6 +19,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from equip.errors import EquipError
 from equip.track.redaction import redact_tree
 
+WHICH_DATA = "Choose the data set with its group: data=synthetic (built in) or data=folder."
+
 
 @contextmanager
 def config_errors() -> Iterator[None]:
@@ -114,6 +116,10 @@ def check_required(cfg: DictConfig) -> None:
     if "data.root" in missing:
         raise EquipError(
             "data=folder needs data.root=PATH: a folder with one sub-folder of images per class."
+        )
+    if "data.kind" in missing:
+        raise EquipError(
+            f"data.kind is unset: data=common is what the data sets share, not one. {WHICH_DATA}"
         )
     if missing:
         raise EquipError(
