@@ -267,3 +267,41 @@ def test_no_secret_reaches_the_store_the_artifacts_or_the_checkpoint(tmp_path: P
         if s.encode() in p.read_bytes()
     }
     assert leaked == set()
+
+
+def _commands_without_a_config():
+    from equip.champion import main as champion
+    from equip.leaderboard import main as leaderboard
+    from equip.serve.app.command import main as app
+    from equip.serve.predict import main as predict
+
+    return [
+        (
+            lambda uri: predict(["model=models:/gear@champion", "images=.", f"tracking_uri={uri}"]),
+            "tracking_uri",
+        ),
+        (lambda uri: app(["model=models:/gear@champion", f"tracking_uri={uri}"]), "tracking_uri"),
+        (lambda uri: leaderboard(["latest", "--tracking-uri", uri]), "--tracking-uri"),
+        (lambda uri: champion(["gear", "--tracking-uri", uri]), "--tracking-uri"),
+    ]
+
+
+@pytest.mark.parametrize("which", range(4), ids=["predict", "app", "leaderboard", "champion"])
+def test_a_store_a_command_cannot_read_is_one_line_naming_its_option(
+    which: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """predict, the app, the leaderboard and champion: as train.py refuses its tracking.uri,
+    in seconds, before MLflow makes an empty store or retries a dead server for minutes."""
+    monkeypatch.chdir(tmp_path)
+    command, key = _commands_without_a_config()[which]
+    nobody = f"http://127.0.0.1:{PORT_NOBODY_LISTENS_ON}"
+    for uri, says in (
+        ("foo://bar", f"{key}=foo://bar: unknown scheme 'foo'; use sqlite:///PATH.db"),
+        (f"sqlite:///{tmp_path}/none.db", f"no MLflow store at sqlite:///{tmp_path}/none.db: "),
+        (nobody, f"the MLflow server {nobody} is unreachable ({key}): start it or give another"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            command(uri)
+        err = capsys.readouterr().err.strip()
+        assert refused.value.code == 2 and err.startswith(f"equip: error: {says}"), err
+        assert len(err.splitlines()) == 1 and not (tmp_path / "none.db").exists()

@@ -33,12 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        import mlflow
         from mlflow import MlflowClient
 
-        uri = args.tracking_uri or store.default_uri()
-        store.open_store(uri, create=False)  # waits while another command creates it
-        mlflow.set_tracking_uri(uri)
+        uri = store.open_given(args.tracking_uri, "--tracking-uri", "register a model first")
         print(champion_uri(MlflowClient(uri), args.name, args.alias))
     except EquipError as e:
         fail(str(e), 2)

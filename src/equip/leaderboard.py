@@ -4,7 +4,6 @@ store; the board itself is equip.sweep.leaderboard."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from equip.errors import EquipError
@@ -38,20 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[str]]:
-    uri = args.tracking_uri or store.default_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise EquipError(f"no MLflow store at {uri}; run a sweep first or pass --tracking-uri.")
-    if uri.startswith(("http://", "https://")) and not store.reachable(uri):
-        raise EquipError(
-            f"the MLflow server {strip_secrets(uri)} is unreachable; start it or "
-            "pass another --tracking-uri."
-        )
-    import mlflow
+    uri = store.open_given(args.tracking_uri, "--tracking-uri", "run a sweep first")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    store.open_store(uri, create=False)  # waits while another command creates it
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     parent = args.parent
     if parent == "latest":

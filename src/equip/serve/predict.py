@@ -154,13 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
         check_runtime(cfg.runtime)
-        import mlflow
+        if not str(cfg.model).endswith(".ckpt"):  # a checkpoint file needs no store
+            from equip.track.store import open_given
 
-        from equip.track.store import default_uri, open_store
-
-        uri = cfg.tracking_uri or default_uri()
-        open_store(uri, create=False)  # waits while another command creates it
-        mlflow.set_tracking_uri(uri)
+            open_given(cfg.tracking_uri, "tracking_uri", "train a model first")
         root = Path(cfg.images)
         files = find_images(root)
         predict = load_predictor(str(cfg.model), str(cfg.runtime))

@@ -63,6 +63,32 @@ def default_uri() -> str:
     return resolve_uri(OmegaConf.create({"uri": "sqlite:///mlflow.db"}))
 
 
+def open_given(uri: str | None, key: str, first: str) -> str:
+    """The store a command without a config reads (predict, the app, the leaderboard): `uri`
+    from its command line (`key` names that option), else the environment's or ./mlflow.db.
+    Refused in one line when it cannot be read (an unknown scheme, no such sqlite file: do
+    `first`; a server that does not answer), else opened and made MLflow's; its URI."""
+    import mlflow
+
+    where = key if uri else _where(default_uri())
+    uri = uri or default_uri()
+    scheme = _known_scheme(uri, where)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise EquipError(f"no MLflow store at {uri}: {first}, or give {key}=URI.")
+    if scheme == "azureml":
+        require_azure_extra()
+    elif scheme in ("http", "https"):
+        uri = _move_credentials_to_environment(uri)
+        if not reachable(uri, timeout=5):
+            raise StoreUnavailable(
+                f"the MLflow server {uri} is unreachable ({where}): start it or give another "
+                f"{key}=URI."
+            )
+    open_store(uri, create=False)  # waits while another command creates it
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def _where(uri: str) -> str:
     """Which setting the URI came from, for messages."""
     return "MLFLOW_TRACKING_URI" if USER_TRACKING_URI else "tracking.uri"
@@ -123,16 +149,11 @@ def check_store(tracking: DictConfig) -> str:
     """Fail in seconds, with a fix, when the store cannot be used (no mlflow import: cheap).
     Returns the URI without credentials (they travel in MLflow's environment variables)."""
     uri = resolve_uri(tracking)
-    scheme = urllib.parse.urlsplit(uri).scheme
     if not uri:
         raise EquipError(
             "tracking.uri is empty: use sqlite:///mlflow.db, http://HOST:PORT or tracking=azureml."
         )
-    if scheme and scheme not in SCHEMES and len(scheme) > 1:  # (C:\ is a Windows path)
-        raise EquipError(
-            f"{_where(uri)}={strip_secrets(uri)}: unknown scheme {scheme!r}; use "
-            "sqlite:///PATH.db, http(s)://HOST:PORT or a folder."
-        )
+    scheme = _known_scheme(uri, _where(uri))
     if scheme == "azureml":
         require_azure_extra()
     elif scheme in ("http", "https"):
@@ -149,6 +170,17 @@ def check_store(tracking: DictConfig) -> str:
     if scheme in ("sqlite", "file", "") and tracking.get("artifact_root"):
         _check_folder(Path(tracking.artifact_root), "tracking.artifact_root")
     return uri
+
+
+def _known_scheme(uri: str, where: str) -> str:
+    """The URI's scheme, one MLflow can use, else refused naming the setting it came from."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme and scheme not in SCHEMES and len(scheme) > 1:  # (C:\ is a Windows path)
+        raise EquipError(
+            f"{where}={strip_secrets(uri)}: unknown scheme {scheme!r}; use "
+            "sqlite:///PATH.db, http(s)://HOST:PORT or a folder."
+        )
+    return scheme
 
 
 def reachable(uri: str, timeout: float = 2) -> bool:

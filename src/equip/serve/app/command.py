@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -86,22 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 def _start(cfg: DictConfig):
     """The store opened, the model loaded, the port bound: everything that can fail on the
     user's input, before serving."""
-    import mlflow
-
     from equip.serve.app.api import create_app
     from equip.serve.app.models import ModelHolder
     from equip.serve.app.server import AppServer, bind
-    from equip.track.store import default_uri, open_store
+    from equip.track.store import open_given
 
-    uri = cfg.tracking_uri or default_uri()
-    db = Path(uri.removeprefix("sqlite:///"))
-    if uri.startswith("sqlite:///") and not db.exists():
-        raise EquipError(
-            f"no MLflow store at {uri}: train and register a model first "
-            "(python train.py registry.enabled=true), or give tracking_uri="
-        )
-    open_store(uri, create=False)  # waits while another command creates it
-    mlflow.set_tracking_uri(uri)
+    first = "train and register a model first (python train.py registry.enabled=true)"
+    open_given(cfg.tracking_uri, "tracking_uri", first)
     sock = bind(cfg.host, cfg.port)  # first: a taken port is said before seconds of loading
     try:
         holder = ModelHolder(str(cfg.model))
