@@ -305,3 +305,28 @@ def test_a_store_a_command_cannot_read_is_one_line_naming_its_option(
         err = capsys.readouterr().err.strip()
         assert refused.value.code == 2 and err.startswith(f"equip: error: {says}"), err
         assert len(err.splitlines()) == 1 and not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("outptu=x.csv", "outptu: Key 'outptu' not in 'PredictOptions'; options: model, images, "),
+        ("show=abc", "show: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("output=no/such/folder/p.csv", "output=no/such/folder/p.csv: no folder "),
+    ],
+)
+def test_a_wrong_predict_option_is_one_line_before_any_work(
+    option: str,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+):
+    from equip.serve.predict import main as predict
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        predict(["model=models:/gear@champion", "images=.", option])
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and err.startswith(f"equip: error: {says}"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "mlflow.db").exists()

@@ -15,24 +15,30 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from rich.table import Table
 
 from equip.errors import EquipError
+from equip.serve._options import typed_options
 from equip.serve.runtimes import check_runtime
 from equip.terminal import fail, fail_if_refused, printed_help, report
 from equip.track.refusals import store_refusal
 
-DEFAULTS = {
-    "model": "???",
-    "images": "???",
-    "output": "predictions.csv",
-    "tracking_uri": None,
-    "show": 30,
-    "runtime": "auto",
-}
+
+@dataclass
+class PredictOptions:
+    model: str = MISSING
+    images: str = MISSING
+    output: str = "predictions.csv"
+    tracking_uri: str | None = None
+    show: int = 30  # rows of the table printed
+    runtime: str = "auto"
+
+
+DEFAULTS = OmegaConf.structured(PredictOptions)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 TAGGED = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
@@ -149,11 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     if printed_help(args, __doc__):
         return 0
     try:
-        cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(args))
+        cfg = typed_options(DEFAULTS, args, "equip.predict")
         missing = [k for k in ("model", "images") if OmegaConf.is_missing(cfg, k)]
         if missing:
             raise EquipError(f"missing {' and '.join(missing)}=...; see python -m equip.predict -h")
         check_runtime(cfg.runtime)
+        if cfg.show < 0:
+            raise EquipError(f"show={cfg.show}: the number of rows to print, 0 or more.")
+        if not Path(cfg.output).absolute().parent.is_dir():
+            raise EquipError(
+                f"output={cfg.output}: no folder {Path(cfg.output).absolute().parent}; create "
+                "it or choose another output=."
+            )
         if not str(cfg.model).endswith(".ckpt"):  # a checkpoint file needs no store
             from equip.track.store import open_given
 

@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from equip.errors import EquipError
+from equip.serve._options import typed_options
 from equip.terminal import fail, fail_if_refused, printed_help, say
 
 
@@ -39,14 +39,7 @@ DEFAULTS = OmegaConf.structured(AppOptions)
 
 def options(args: list[str]) -> DictConfig:
     """key=value pairs, typed and checked: an unknown key or a wrong type is one line."""
-    try:
-        return OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(args))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        known = ", ".join(DEFAULTS)
-        raise EquipError(
-            f"{key}: {str(e).splitlines()[0]}; options: {known} (python -m equip.app -h)"
-        ) from None
+    return typed_options(DEFAULTS, args, "equip.app")
 
 
 def main(argv: list[str] | None = None) -> int:
