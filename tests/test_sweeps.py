@@ -11,7 +11,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import freeze_when, parent_and_children, sweep, sweep_in_process
+from tests.conftest import (
+    freeze_when,
+    parent_and_children,
+    sweep,
+    sweep_in_process,
+    train_in_process,
+)
 
 
 def test_sweep_groups_jobs_under_a_parent_with_a_leaderboard(tmp_path: Path, store: str):
@@ -55,6 +61,17 @@ def test_an_invalid_grid_point_stops_the_sweep_before_any_training(tmp_path: Pat
     assert "3 sweep point(s) are invalid" in err
     assert "model.filters=[8,8,8,8,8,8] model.lr=0.001" in err and "below 1 px" in err
     assert "model.lr=-1" in err and "must be positive" in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_data_root_that_is_not_there_stops_the_sweep_before_any_training(tmp_path: Path):
+    """As a single run refuses it; the jobs of a local launcher read data.root here."""
+    (tmp_path / "photos").mkdir()
+    roots = f"data.root={tmp_path}/photos,{tmp_path}/nope"
+    proc = train_in_process(["-m", "data=folder", roots], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "1 sweep point(s) are invalid" in proc.stderr
+    assert f"data.root={tmp_path}/nope does not exist or is not a folder" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
 

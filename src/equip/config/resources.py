@@ -84,6 +84,15 @@ def check_hardware(t: DictConfig) -> None:
         )
 
 
+def check_data_root(root: Path) -> None:
+    """data.root is a folder here (checked where the photos are read)."""
+    if not root.is_dir():
+        raise EquipError(
+            f"data.root={root} does not exist or is not a folder. "
+            "Point data.root at a folder with one sub-folder of images per class."
+        )
+
+
 def check_folder_path(value: str, key: str) -> None:
     """A folder `key` can hold or create: its nearest existing part is a writable folder, not a
     file. Nothing is created here (whole-sweep validation runs this for every point)."""

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from equip.config.resources import check_data_root
 from equip.errors import EquipError
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,7 @@ def image_files(folder: Path) -> tuple[list[Path], Counter[str]]:
 
 def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class-per-folder tree -> (class names, [(file, class index)]). Raises on every bad layout."""
-    if not root.is_dir():
-        raise EquipError(
-            f"data.root={root} does not exist or is not a folder. "
-            "Point data.root at a folder with one sub-folder of images per class."
-        )
+    check_data_root(root)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _shown(p.name))
     if not class_dirs:
         raise EquipError(

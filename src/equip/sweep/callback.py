@@ -85,11 +85,17 @@ def invalid_points(config: DictConfig) -> list[tuple[list[str], str]]:
 
     from equip.config.checks import check_config
     from equip.config.explain import config_error
+    from equip.config.resources import check_data_root
 
+    # Jobs on this machine read data.root here: it must be here (a cluster's may be there only).
+    local = str(config.hydra.launcher._target_).endswith(("BasicLauncher", "JoblibLauncher"))
     bad = []
     for point in sweep_points(config):
         try:
-            check_config(compose(config.hydra.job.config_name, overrides=point))
+            cfg = compose(config.hydra.job.config_name, overrides=point)
+            check_config(cfg)
+            if local and cfg.data.kind == "folder":
+                check_data_root(Path(cfg.data.root).expanduser())
         except Exception as e:  # composition errors (bad key, bad value type) count too
             bad.append((point, str(config_error(e) or e).splitlines()[0]))
     return bad
