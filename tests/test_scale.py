@@ -116,6 +116,20 @@ KILL_AFTER_EPOCH = textwrap.dedent(
 )
 
 
+def test_a_runs_history_is_its_epochs_not_its_end_of_training_summary(
+    tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+):
+    """What resume= continues from: a run that failed after its training (its summary logged
+    one step past the last epoch, then e.g. the registry refused) has trained 2 epochs, not 3."""
+    from equip.train._resume import logged_history
+
+    done = train_in_process([*TINY, "tracking.log_model=false", "trainer.patience=0"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, run = _only_run(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert [h["epoch"] for h in logged_history(run.info.run_id)] == [0, 1]
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_the_same_run_with_its_history(tmp_path: Path, store: str):
     args = ["trainer.max_epochs=4", "trainer.patience=0", *FAST]

@@ -106,6 +106,10 @@ def unfinished_twin(cfg: DictConfig, experiment_id: str, parent_id: str, cfg_has
     return None
 
 
+# Logged once, when the training is over, at the step after its last epoch: not an epoch.
+RUN_SUMMARY = {"train_time_s", "train_images_per_s", "val_images"}
+
+
 def logged_history(run_id: str) -> list[dict[str, float]]:
     """The per-epoch metrics a run logged before it was cut off, oldest epoch first."""
     from mlflow import MlflowClient
@@ -113,7 +117,7 @@ def logged_history(run_id: str) -> list[dict[str, float]]:
     client = MlflowClient()
     run = client.get_run(run_id)
     by_epoch: dict[int, dict[str, float]] = {}
-    for key in run.data.metrics:
+    for key in run.data.metrics.keys() - RUN_SUMMARY:
         if key.startswith(("train_", "val_")) or key in ("lr", "epoch_time_s"):
             for m in client.get_metric_history(run_id, key):
                 by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
