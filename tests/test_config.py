@@ -103,6 +103,7 @@ def test_ints_are_accepted_where_floats_are_typed():
         ),
         (["registry.enabled=true", "registry.name="], "registry.name='' is not a model name"),
         (["data.kind=folder"], "data.kind=folder does not choose a data set. Choose the data "),
+        (["data.val_fraction=0"], "data.val_fraction=0 leaves nothing to validate on: use e.g."),
     ],
 )
 def test_a_wrong_type_choice_or_key_is_one_line_naming_key_and_value(overrides, says):

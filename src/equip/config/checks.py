@@ -113,6 +113,11 @@ def check_data(d: DictConfig) -> None:
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if val_fraction == 0:
+        raise EquipError(
+            "data.val_fraction=0 leaves nothing to validate on: use e.g. 0.2; to train on every "
+            "image, final_fit=true (its epochs from a CV sweep, docs/cross-validation.md)."
+        )
     if not 0 < val_fraction < 1:
         raise EquipError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2).")
     if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
