@@ -196,16 +196,7 @@ def summarize(parent_id: str, since: float = 0.0, step: int = 0) -> dict[str, An
             for r in rows
         ),
     }
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow([*cols, "run_id", "pruned", "error"])
-    for r in rows:
-        w.writerow([cell(r[c]) for c in cols] + [r["run_id"], r["pruned"], r["error"]])
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
-    client.log_text(parent_id, buf.getvalue(), "sweep/leaderboard.csv")
-    client.log_text(parent_id, "\n".join(md) + "\n", "sweep/leaderboard.md")
-    client.log_text(parent_id, html_table(cols, rows), "sweep/leaderboard.html")
+    _log_board_files(client, parent_id, cols, rows)
     tracking.log_metrics(parent_id, counts, step=step)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
     if best is not None and best.get(monitored(parent)) is None:  # final fits: none validated
@@ -216,20 +207,38 @@ def summarize(parent_id: str, since: float = 0.0, step: int = 0) -> dict[str, An
         client.set_tag(parent_id, schema.CV_SUMMARY, cv_line(cv, missing_folds(rows)))
         best = None
     if best:
-        client.set_tag(parent_id, schema.BEST_RUN_ID, best["run_id"])
-        client.set_tag(parent_id, schema.BEST_RUN_NAME, best["run_name"])
-        for k in keys:
-            client.set_tag(parent_id, schema.BEST_VALUE + k, schema.truncate(str(best[k])))
-        tracking.log_metrics(
-            parent_id, {k: best[k] for k in METRICS if best[k] is not None}, step=step
-        )
-        if keys and len(rows) > 1:
-            fig = parallel_plot(rows, keys, parent)
-            client.log_figure(parent_id, fig, "sweep/parallel.png")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
+        _log_best(client, parent, rows, keys, best, step)
     return {"parent": parent, "rows": rows, "keys": keys, "counts": counts, "cv": cv}
+
+
+def _log_board_files(client, parent_id: str, cols: list[str], rows: list[dict[str, Any]]):
+    """The leaderboard as CSV (with run ids and errors), Markdown and HTML, on the parent."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*cols, "run_id", "pruned", "error"])
+    for r in rows:
+        w.writerow([cell(r[c]) for c in cols] + [r["run_id"], r["pruned"], r["error"]])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    client.log_text(parent_id, buf.getvalue(), "sweep/leaderboard.csv")
+    client.log_text(parent_id, "\n".join(md) + "\n", "sweep/leaderboard.md")
+    client.log_text(parent_id, html_table(cols, rows), "sweep/leaderboard.html")
+
+
+def _log_best(client, parent, rows: list[dict[str, Any]], keys: list[str], best, step: int):
+    """The best job's tags and metrics on the parent, and the swept values' parallel plot."""
+    parent_id = parent.info.run_id
+    client.set_tag(parent_id, schema.BEST_RUN_ID, best["run_id"])
+    client.set_tag(parent_id, schema.BEST_RUN_NAME, best["run_name"])
+    for k in keys:
+        client.set_tag(parent_id, schema.BEST_VALUE + k, schema.truncate(str(best[k])))
+    tracking.log_metrics(parent_id, {k: best[k] for k in METRICS if best[k] is not None}, step=step)
+    if keys and len(rows) > 1:
+        fig = parallel_plot(rows, keys, parent)
+        client.log_figure(parent_id, fig, "sweep/parallel.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def print_board(board: dict[str, Any]) -> None:
