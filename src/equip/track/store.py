@@ -72,7 +72,7 @@ def open_given(uri: str | None, key: str, first: str) -> str:
     `first`; a server that does not answer), else opened and made MLflow's; its URI."""
     import mlflow
 
-    where = key if uri else _where(default_uri())
+    where = key if uri or not USER_TRACKING_URI else "MLFLOW_TRACKING_URI"
     uri = uri or default_uri()
     scheme = _known_scheme(uri, where)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
