@@ -19,6 +19,7 @@ from tests.conftest import (
     make_cfg,
     parent_and_children,
     port_nobody_listens_on,
+    ready_store,
     run_cli,
     start_mlflow_server,
     sweep,
@@ -330,3 +331,31 @@ def test_a_wrong_predict_option_is_one_line_before_any_work(
     err = capsys.readouterr().err.strip()
     assert refused.value.code == 2 and err.startswith(f"equip: error: {says}"), err
     assert len(err.splitlines()) == 1 and not (tmp_path / "mlflow.db").exists()
+
+
+def test_predict_on_a_run_without_a_model_says_why_it_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    from equip.serve.predict import main as predict
+
+    monkeypatch.chdir(tmp_path)
+    uri = ready_store(tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("equip")
+    failed = client.create_run(experiment).info.run_id
+    client.set_tag(failed, "equip.error", "ValueError: the loss is nan")
+    client.set_terminated(failed, "FAILED")
+    unlogged = client.create_run(experiment).info.run_id
+    client.log_param(unlogged, "tracking.log_model", "false")
+    client.set_terminated(unlogged, "FINISHED")
+    write_pngs(tmp_path / "photos", 1)
+    capsys.readouterr()  # MLflow's notes on making the store: not the command's
+    for run_id, says in (
+        (failed, "(the run ended FAILED: ValueError: the loss is nan; a run logs its model once"),
+        (unlogged, "(the run was trained with tracking.log_model=false: it logged no model)"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            predict([f"model={run_id}", "images=photos", f"tracking_uri={uri}"])
+        err = capsys.readouterr().err.strip()
+        assert refused.value.code == 2 and err.startswith(f"equip: error: model={run_id}: ")
+        assert says in err and len(err.splitlines()) == 1, err

@@ -86,8 +86,30 @@ def load_predictor(model: str, runtime: str = "auto"):
             raise  # the store said no: main() says which request, in one line
         raise EquipError(
             f"model={model}: cannot load it from {mlflow.get_tracking_uri()}: "
-            f"{str(e).splitlines()[0]}"
+            f"{str(e).splitlines()[0]}{_why_no_model(model)}"
         ) from None
+
+
+def _why_no_model(model: str) -> str:
+    """For a run's model that is not there: what the run says about it ('' otherwise)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from equip.track import schema
+
+    found = re.match(r"^(?:runs:/)?([0-9a-f]{32})(?:/model)?$", model)
+    if not found:
+        return ""
+    try:
+        run = MlflowClient().get_run(found.group(1))
+    except MlflowException:
+        return ""
+    if run.info.status != "FINISHED":
+        why = run.data.tags.get(schema.ERROR, "no reason recorded")
+        return f" (the run ended {run.info.status}: {why}; a run logs its model once trained)"
+    if run.data.params.get("tracking.log_model") == "false":
+        return " (the run was trained with tracking.log_model=false: it logged no model)"
+    return ""
 
 
 def runtime_config(model_dir: str, runtime: str) -> dict[str, str] | None:
