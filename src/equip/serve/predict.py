@@ -94,14 +94,15 @@ def _why_no_model(model: str) -> str:
     """For a run's model that is not there: what the run says about it ('' otherwise)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
     from equip.track import schema
 
-    found = re.match(r"^(?:runs:/)?([0-9a-f]{32})(?:/model)?$", model)
-    if not found:
+    if not (RUN_ID.match(model) or model.startswith("runs:/")):
         return ""
-    try:
-        run = MlflowClient().get_run(found.group(1))
+    try:  # a runs:/ URI that does not parse is said by the error this adds to
+        run_id = model if RUN_ID.match(model) else RunsArtifactRepository.parse_runs_uri(model)[0]
+        run = MlflowClient().get_run(run_id)
     except MlflowException:
         return ""
     if run.info.status != "FINISHED":
@@ -184,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         check_runtime(cfg.runtime)
         if cfg.show < 0:
             raise EquipError(f"show={cfg.show}: the number of rows to print, 0 or more.")
-        if not Path(cfg.output).absolute().parent.is_dir():
+        folder = Path(cfg.output).absolute().parent
+        if not folder.is_dir():
             raise EquipError(
-                f"output={cfg.output}: no folder {Path(cfg.output).absolute().parent}; create "
-                "it or choose another output=."
+                f"output={cfg.output}: no folder {folder}; create it or choose another output=."
             )
         if not str(cfg.model).endswith(".ckpt"):  # a checkpoint file needs no store
             from equip.track.store import open_given
