@@ -3,6 +3,7 @@ and a real `mlflow server` that the test kills and restarts. Nothing is mocked."
 
 from __future__ import annotations
 
+import importlib
 import re
 import signal
 import subprocess
@@ -270,31 +271,36 @@ def test_no_secret_reaches_the_store_the_artifacts_or_the_checkpoint(tmp_path: P
     assert leaked == set()
 
 
-def _commands_without_a_config():
-    from equip.champion import main as champion
-    from equip.leaderboard import main as leaderboard
-    from equip.serve.app.command import main as app
-    from equip.serve.predict import main as predict
-
-    return [
+@pytest.mark.parametrize(
+    ("module", "args", "key"),
+    [
         (
-            lambda uri: predict(["model=models:/gear@champion", "images=.", f"tracking_uri={uri}"]),
+            "equip.serve.predict",
+            ["model=models:/gear@champion", "images=.", "tracking_uri={uri}"],
             "tracking_uri",
         ),
-        (lambda uri: app(["model=models:/gear@champion", f"tracking_uri={uri}"]), "tracking_uri"),
-        (lambda uri: leaderboard(["latest", "--tracking-uri", uri]), "--tracking-uri"),
-        (lambda uri: champion(["gear", "--tracking-uri", uri]), "--tracking-uri"),
-    ]
-
-
-@pytest.mark.parametrize("which", range(4), ids=["predict", "app", "leaderboard", "champion"])
+        (
+            "equip.serve.app.command",
+            ["model=models:/gear@champion", "tracking_uri={uri}"],
+            "tracking_uri",
+        ),
+        ("equip.leaderboard", ["latest", "--tracking-uri", "{uri}"], "--tracking-uri"),
+        ("equip.champion", ["gear", "--tracking-uri", "{uri}"], "--tracking-uri"),
+    ],
+    ids=["predict", "app", "leaderboard", "champion"],
+)
 def test_a_store_a_command_cannot_read_is_one_line_naming_its_option(
-    which: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    module: str,
+    args: list[str],
+    key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ):
     """predict, the app, the leaderboard and champion: as train.py refuses its tracking.uri,
     in seconds, before MLflow makes an empty store or retries a dead server for minutes."""
     monkeypatch.chdir(tmp_path)
-    command, key = _commands_without_a_config()[which]
+    main = importlib.import_module(module).main
     nobody = f"http://127.0.0.1:{PORT_NOBODY_LISTENS_ON}"
     for uri, says in (
         ("foo://bar", f"{key}=foo://bar: unknown scheme 'foo'; use sqlite:///PATH.db"),
@@ -302,7 +308,7 @@ def test_a_store_a_command_cannot_read_is_one_line_naming_its_option(
         (nobody, f"the MLflow server {nobody} is unreachable ({key}): start it or give another"),
     ):
         with pytest.raises(SystemExit) as refused:
-            command(uri)
+            main([a.format(uri=uri) for a in args])
         err = capsys.readouterr().err.strip()
         assert refused.value.code == 2 and err.startswith(f"equip: error: {says}"), err
         assert len(err.splitlines()) == 1 and not (tmp_path / "none.db").exists()
